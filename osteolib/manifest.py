@@ -519,14 +519,14 @@ def add_image_sizes(df: pd.DataFrame, overwrite: bool = False) -> pd.DataFrame:
                 width, height = image.size
         except (UnidentifiedImageError, OSError) as err:
             if not Path(path).is_file():
-                problems.append(f"row {row}: file not found: {path}")
+                problems.append(f"row {row} (image_id={out.at[row, 'image_id']!r}): file not found: {path}")
                 continue
             try:  # formats PIL cannot read (DICOM) go through the project's reader
                 from osteolib.io import read_xray
                 meta = read_xray(path).meta
                 width, height = int(meta["width"]), int(meta["height"])
             except ValueError as io_err:
-                problems.append(f"row {row}: {path}: {io_err or err}")
+                problems.append(f"row {row} (image_id={out.at[row, 'image_id']!r}): {io_err}")
                 continue
         out.at[row, "width"] = width
         out.at[row, "height"] = height
