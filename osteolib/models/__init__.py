@@ -1,0 +1,68 @@
+"""Models of the study: timm backbones by name, the pretraining models, and checked weight loading.
+
+- :func:`create_backbone` -- DenseNet121, ViT-small, EfficientNetV2-S, ResNet50, MobileNetV3, single channel, untrained.
+- :class:`MaskedAutoencoderViT` / :func:`mae_vit_small` -- MAE pretraining of the ViT.
+- :class:`MaskedDenseNet` (:class:`MaskedCNN`) -- SimMIM-style masked pretraining of the CNN.
+- :class:`RotationClassifier` / :func:`rotate_batch` -- the 4-way rotation proxy.
+- :func:`save_encoder_checkpoint`, :func:`read_checkpoint`, :func:`load_pretrained`, :func:`model_from_checkpoint`
+  -- the checkpoint format and its checked loading (see ``backbones`` for the key conventions).
+"""
+from __future__ import annotations
+
+from osteolib.models.backbones import (
+    BACKBONES,
+    CHECKPOINT_KINDS,
+    BackboneSpec,
+    CheckpointMismatchError,
+    LoadReport,
+    create_backbone,
+    encoder_state_dict,
+    infer_arch,
+    load_pretrained,
+    model_arch,
+    model_from_checkpoint,
+    read_checkpoint,
+    save_encoder_checkpoint,
+    unwrap_model,
+)
+from osteolib.models.mae import (
+    MaskedAutoencoderViT,
+    PatchMask,
+    mae_vit_small,
+    patchify,
+    region_patch_weights,
+    sample_patch_mask,
+    sincos_pos_embed_2d,
+    unpatchify,
+)
+from osteolib.models.masked_cnn import MaskedCNN, MaskedDenseNet
+from osteolib.models.rotation import RotationClassifier, rotate_batch
+
+__all__ = [
+    "BACKBONES",
+    "CHECKPOINT_KINDS",
+    "BackboneSpec",
+    "CheckpointMismatchError",
+    "LoadReport",
+    "MaskedAutoencoderViT",
+    "MaskedCNN",
+    "MaskedDenseNet",
+    "PatchMask",
+    "RotationClassifier",
+    "create_backbone",
+    "encoder_state_dict",
+    "infer_arch",
+    "load_pretrained",
+    "mae_vit_small",
+    "model_arch",
+    "model_from_checkpoint",
+    "patchify",
+    "read_checkpoint",
+    "region_patch_weights",
+    "rotate_batch",
+    "sample_patch_mask",
+    "save_encoder_checkpoint",
+    "sincos_pos_embed_2d",
+    "unpatchify",
+    "unwrap_model",
+]
