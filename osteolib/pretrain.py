@@ -1,0 +1,290 @@
+"""The study's self-supervised pretraining scenarios, each trained through the one ``fit`` path.
+
+Scenarios (what the fine-tuning stage initialises from):
+
+============================  ===================================================================
+``random``                    no pretraining: timm's random initialisation (the baseline)
+``chest_mae``                 masked image modelling on the chest X-ray pool (notebook 01)
+``chest_mae+target_mae_random``  chest MAE, then masked modelling on the target's training images with
+                              random resized crops (notebook 02, ``crop_mode="random"``)
+``chest_mae+target_mae_center``  the same with crops centred on the diagnostic region and masking biased
+                              toward it (notebook 02, ``crop_mode="center"``)
+``chest_mae+rotation``        chest MAE, then 4-way rotation prediction on the target images (notebook 03)
+============================  ===================================================================
+
+"Masked image modelling" is the MAE for ViT-small and its SimMIM-style counterpart for DenseNet121
+(:mod:`osteolib.models`). Every scenario writes ``<run>/checkpoints/<scenario>/<backbone>.pt`` in the checked
+checkpoint format; the target stages read only the target's *training* split (validation for monitoring), never
+the test split.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from . import models
+from .data import make_dataloaders
+from .runs import Run
+from .train import FitResult, TrainConfig, fit
+from .transforms import Chain, RandomHorizontalFlip, RotationTargets, crop_policy
+
+SCENARIOS = ("random", "chest_mae", "chest_mae+target_mae_random", "chest_mae+target_mae_center",
+             "chest_mae+rotation")
+PRETRAINING_BACKBONES = ("vit_small", "densenet121")
+# which notebook writes each scenario's checkpoint (for error messages)
+WRITTEN_BY = {"chest_mae": "01_chest_mae", "chest_mae+target_mae_random": "02_shoulder_mae (crop_mode='random')",
+              "chest_mae+target_mae_center": "02_shoulder_mae (crop_mode='center')",
+              "chest_mae+rotation": "03_rotation_proxy"}
+# the mask ratio of each objective when the notebook leaves it unset: the study's 0.9 for the ViT MAE; SimMIM's
+# 0.6 for the CNN, whose receptive fields see through small masked patches less easily
+DEFAULT_MASK_RATIO = {"vit_small": 0.9, "densenet121": 0.6}
+DEFAULT_PATCH = {"vit_small": 16, "densenet121": 32}
+
+
+@dataclass
+class PretrainConfig:
+    """One pretraining stage: which scenario, backbone and objective, with its recipe."""
+
+    scenario: str
+    backbone: str
+    image_size: int = 128
+    patch_size: int | None = None  # ViT patch / masking patch; None: 16 for the ViT, 32 for the CNN
+    mask_ratio: float | None = None  # None: 0.9 for the ViT MAE, 0.6 for the masked CNN
+    norm_pix_loss: bool = True
+    crop_mode: str = "random"  # "random" | "center" | "none"
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    mask_region_bias: float = 0.0  # > 0 with crop_mode "center": mask the diagnostic region more often
+    epochs: int = 10
+    batch_size: int = 64
+    base_lr: float = 1.5e-4  # MAE recipe: peak lr = base_lr * batch_size / 256
+    warmup_epochs: float = 1.0
+    weight_decay: float = 0.05
+    seed: int = 0
+    precision: str = "auto"
+    extra: dict[str, Any] = field(default_factory=dict)  # model keyword arguments (e.g. decoder_depth)
+
+    def __post_init__(self) -> None:
+        if self.scenario not in SCENARIOS or self.scenario == "random":
+            raise ValueError(f"scenario {self.scenario!r} is not a pretraining scenario; choose one of "
+                             f"{[s for s in SCENARIOS if s != 'random']}")
+        if self.backbone not in PRETRAINING_BACKBONES:
+            raise ValueError(f"backbone {self.backbone!r} has no pretraining objective here; choose one of "
+                             f"{PRETRAINING_BACKBONES}")
+        self.patch_size = self.patch_size or DEFAULT_PATCH[self.backbone]
+        self.mask_ratio = DEFAULT_MASK_RATIO[self.backbone] if self.mask_ratio is None else float(self.mask_ratio)
+        self.crop_scale = (float(self.crop_scale[0]), float(self.crop_scale[1]))
+        if self.mask_region_bias > 0 and self.crop_mode != "center":
+            raise ValueError("mask_region_bias > 0 needs crop_mode='center' (the region-guided policy)")
+
+    @property
+    def objective(self) -> str:
+        return "rotation" if self.scenario.endswith("rotation") else "masked"
+
+    @property
+    def init_scenario(self) -> str | None:
+        """The scenario whose checkpoint this stage starts from (None: random initialisation)."""
+        return None if self.scenario == "chest_mae" else "chest_mae"
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, base_lr=self.base_lr,
+                           warmup_epochs=min(self.warmup_epochs, self.epochs - 1e-9) if self.epochs > 1 else 0.0,
+                           weight_decay=self.weight_decay, seed=self.seed, precision=self.precision,
+                           mask_region_bias=self.mask_region_bias,
+                           monitor="valid_loss")
+
+
+def checkpoint_path(run: Run, scenario: str, backbone: str) -> Path:
+    """Where a scenario's checkpoint lives in a run folder."""
+    return run.checkpoints / scenario / f"{backbone}.pt"
+
+
+def find_checkpoint(run: Run, scenario: str, backbone: str) -> Path:
+    """A scenario's checkpoint from this run or its parents; a clear error naming the notebook that writes it."""
+    try:
+        return run.find(Path("checkpoints") / scenario / f"{backbone}.pt")
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"no {scenario} checkpoint for {backbone}: it is written by notebook "
+                                f"{WRITTEN_BY.get(scenario, '?')}; run that first. ({err})") from None
+
+
+def build_model(config: PretrainConfig) -> nn.Module:
+    """The pretraining model of a stage, freshly initialised."""
+    if config.objective == "rotation":
+        kwargs = {"patch_size": config.patch_size} if config.backbone == "vit_small" else {}
+        return models.RotationClassifier(config.backbone, img_size=config.image_size, **kwargs)
+    if config.backbone == "vit_small":
+        return models.mae_vit_small(img_size=config.image_size, patch_size=config.patch_size,
+                                    mask_ratio=config.mask_ratio, norm_pix_loss=config.norm_pix_loss, **config.extra)
+    return models.MaskedDenseNet(img_size=config.image_size, patch_size=config.patch_size,
+                                 mask_ratio=config.mask_ratio, norm_pix_loss=config.norm_pix_loss, **config.extra)
+
+
+@dataclass
+class PretrainResult:
+    config: PretrainConfig
+    model: nn.Module
+    fit: FitResult
+    checkpoint: Path
+    init_report: Any  # models.LoadReport or None
+
+
+def pretrain(run: Run, config: PretrainConfig, manifest: pd.DataFrame, cache: Any, mean: float, std: float,
+             quiet: bool = False, resume: bool = False) -> PretrainResult:
+    """Train one scenario's stage on the manifest's train split (val split for monitoring) and save its checkpoint.
+
+    The stage's training files (per-epoch checkpoints, history) go to ``<run>/checkpoints/<scenario>/<backbone>/``;
+    the encoder checkpoint the next stages read to ``<run>/checkpoints/<scenario>/<backbone>.pt``.
+    """
+    target = checkpoint_path(run, config.scenario, config.backbone)
+    if target.exists() and not resume:
+        raise FileExistsError(f"{target} exists: this run already trained {config.scenario} for {config.backbone}; "
+                              f"start a new run (a run never overwrites its outputs) or pass resume=True")
+    init = find_checkpoint(run, config.init_scenario, config.backbone) if config.init_scenario else None
+    train_ids = manifest.loc[manifest["split"] == "train", "image_id"].tolist()
+    valid_ids = manifest.loc[manifest["split"] == "val", "image_id"].tolist()
+    if not train_ids:
+        raise ValueError("the manifest has no training images (split == 'train'): run the split first")
+
+    model = build_model(config)
+    report = models.load_pretrained(model, init) if init is not None else None
+
+    region_aware = config.crop_mode == "center"
+    crop = crop_policy(config.crop_mode, config.image_size, scale=config.crop_scale)
+    steps = [crop, RandomHorizontalFlip()]
+    if config.objective == "rotation":
+        steps.append(RotationTargets())
+    valid_steps = [crop_policy("none", config.image_size)]
+    if config.objective == "rotation":
+        valid_steps.append(RotationTargets())
+    dls = make_dataloaders(cache, train_ids, valid_ids, train_transform=Chain(steps),
+                           valid_transform=Chain(valid_steps), region_aware=region_aware,
+                           batch_size=config.batch_size, seed=config.seed, mean=mean, std=std)
+    loss_func = nn.CrossEntropyLoss() if config.objective == "rotation" else None
+    metrics = None
+    if config.objective == "rotation":
+        from fastai.metrics import accuracy
+
+        metrics = [accuracy]
+    result = fit(model, dls, config.train_config(), target.with_suffix(""), loss_func=loss_func, metrics=metrics,
+                 stage=f"pretrain:{config.scenario}", quiet=quiet, resume=resume,
+                 patch_size=config.patch_size if config.mask_region_bias > 0 else None)
+    models.save_encoder_checkpoint(model, target, meta={"scenario": config.scenario, "config": _plain(config),
+                                                        "init": str(init) if init else None,
+                                                        "train_images": len(train_ids)})
+    return PretrainResult(config, model, result, target, report)
+
+
+def reconstruction_figure(model: nn.Module, images: torch.Tensor, mean: float, std: float, seed: int = 0,
+                          mask_weights: torch.Tensor | None = None):
+    """Rows of original / masked / reconstruction (visible patches pasted back) for a few images."""
+    import matplotlib.pyplot as plt
+
+    generator = torch.Generator().manual_seed(seed)
+    panels = model.reconstruct(images, mask_weights=mask_weights, generator=generator)
+    titles = ("original", "masked (model input)", "reconstruction")
+    keys = ("original", "masked", "pasted")
+    n = images.shape[0]
+    fig, axes = plt.subplots(n, 3, figsize=(6.0, 2.0 * n), squeeze=False)
+    for i in range(n):
+        for j, key in enumerate(keys):
+            picture = (panels[key][i, 0].float() * std + mean).clamp(0, 1).numpy()
+            axes[i, j].imshow(picture, cmap="gray", vmin=0, vmax=1)
+            axes[i, j].set_axis_off()
+            if i == 0:
+                axes[i, j].set_title(titles[j], fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def loss_curve_figure(history: pd.DataFrame, title: str = ""):
+    """Training and validation loss per epoch."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 3))
+    for column in ("train_loss", "valid_loss"):
+        if column in history:
+            ax.plot(history["epoch"], history[column], marker="o", label=column.replace("_", " "))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+@torch.no_grad()
+def rotation_accuracy(model: nn.Module, cache: Any, image_ids: list[str], mean: float, std: float,
+                      batch_size: int = 64) -> pd.DataFrame:
+    """Validation accuracy per rotation class: every image is shown at 0, 90, 180 and 270 degrees."""
+    model.eval()
+    device = next(model.parameters()).device
+    rows = np.array([cache.index[i] for i in image_ids])
+    correct = np.zeros(4)
+    confusion = np.zeros((4, 4), dtype=int)
+    for start in range(0, len(rows), batch_size):
+        batch = torch.from_numpy(np.asarray(cache.images[rows[start:start + batch_size]], dtype=np.float32))
+        batch = ((batch / 255.0 - mean) / std)[:, None].to(device)
+        for k in range(4):
+            predicted = model(RotationTargets.rotate(batch, k)).float().argmax(dim=1).cpu().numpy()
+            correct[k] += (predicted == k).sum()
+            np.add.at(confusion[k], predicted, 1)
+    table = pd.DataFrame({"rotation": [f"{90 * k}°" for k in range(4)], "images": len(rows),
+                          "accuracy": correct / max(len(rows), 1)})
+    for j in range(4):
+        table[f"predicted {90 * j}°"] = confusion[:, j]
+    return table
+
+
+def _plain(config: PretrainConfig) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()}
+
+
+def example_images(cache: Any, image_ids: list[str], mean: float, std: float,
+                   with_regions: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """A batch (N,1,S,S) of whole cached images, normalised as in training (and their region masks)."""
+    rows = np.array([cache.index[i] for i in image_ids])
+    images = torch.from_numpy(np.asarray(cache.images[rows], dtype=np.float32))[:, None]
+    images = (images / 255.0 - mean) / std
+    if not with_regions:
+        return images
+    regions = torch.from_numpy(np.asarray(cache.regions[rows], dtype=np.uint8))[:, None]
+    return images, regions
+
+
+def crop_examples_figure(cache: Any, image_ids: list[str], size: int, crops: int = 3, seed: int = 0,
+                         scale: tuple[float, float] = (0.5, 1.0)):
+    """Each image (with its region outlined), then ``crops`` random-policy and ``crops`` center-policy crops."""
+    import matplotlib.pyplot as plt
+
+    from .data import XrayDataset
+
+    dataset = XrayDataset(cache, image_ids)
+    policies = {"random": crop_policy("random", size, scale=scale), "center": crop_policy("center", size, scale=scale)}
+    columns = 1 + 2 * crops
+    fig, axes = plt.subplots(len(image_ids), columns, figsize=(1.5 * columns, 1.6 * len(image_ids)), squeeze=False)
+    generator_seed = seed
+    for r in range(len(image_ids)):
+        sample = dataset.sample(r)
+        panels = [("whole image", sample)]
+        for name, policy in policies.items():
+            for c in range(crops):
+                generator_seed += 1
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(generator_seed)
+                    panels.append((f"{name} crop", policy(sample)))
+        for c, (title, item) in enumerate(panels):
+            ax = axes[r, c]
+            ax.imshow(item.image[0].numpy(), cmap="gray", vmin=0, vmax=255)
+            if item.region is not None and item.region.any():
+                ax.contour(item.region[0].numpy() > 0, levels=[0.5], colors=["cyan"], linewidths=0.7)
+            ax.set_axis_off()
+            if r == 0:
+                ax.set_title(title, fontsize=7)
+    fig.tight_layout()
+    return fig
