@@ -1,0 +1,82 @@
+"""Every pretraining scenario, both backbones: trains through the fit path and loads into the fine-tuning model."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from osteolib import models, pretrain, runs, splits, synthetic
+from osteolib.cache import ImageCache
+from osteolib.manifest import read_manifest
+
+SIZE = 32
+PATCH = {"vit_small": 8, "densenet121": 16}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain")
+    chest = read_manifest(synthetic.write_chest_dataset(root / "chest", n_images=24, seed=1, size=64))
+    chest = splits.patient_split(chest, ratios=[0.8, 0.2, 0.0], seed=0, keep_existing=False)
+    target = read_manifest(synthetic.write_shoulder_dataset(root / "shoulder", n_patients=16, seed=2, size=64))
+    return {"chest": (chest, ImageCache.build(chest, SIZE, root=root / "cache", progress=False)),
+            "target": (target, ImageCache.build(target, SIZE, root=root / "cache", progress=False)),
+            "runs": root / "runs"}
+
+
+def stage(scenario: str, backbone: str, **overrides) -> pretrain.PretrainConfig:
+    options = dict(image_size=SIZE, patch_size=PATCH[backbone], epochs=1, batch_size=4, warmup_epochs=0.0, seed=0)
+    options.update(overrides)
+    return pretrain.PretrainConfig(scenario, backbone, **options)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", ["vit_small", "densenet121"])
+def test_every_scenario_trains_and_loads_into_the_finetuning_model(data, backbone):
+    run = runs.new_run("test", root=data["runs"])
+    chest, chest_cache = data["chest"]
+    target, target_cache = data["target"]
+    written = {}
+    written["chest_mae"] = pretrain.pretrain(run, stage("chest_mae", backbone), chest, chest_cache, 0.5, 0.25,
+                                             quiet=True)
+    for scenario, extra in (("chest_mae+target_mae_random", {}),
+                            ("chest_mae+target_mae_center", {"crop_mode": "center", "mask_region_bias": 2.0}),
+                            ("chest_mae+rotation", {})):
+        result = pretrain.pretrain(run, stage(scenario, backbone, **extra), target, target_cache, 0.5, 0.25,
+                                   quiet=True)
+        assert result.init_report is not None and not result.init_report.missing  # started from chest MAE
+        written[scenario] = result
+    for scenario, result in written.items():
+        assert result.checkpoint == run.checkpoints / scenario / f"{backbone}.pt"
+        assert result.fit.history["train_loss"].notna().all()
+        kwargs = {"patch_size": PATCH[backbone]} if backbone == "vit_small" else {}
+        model = models.create_backbone(backbone, num_classes=2, img_size=SIZE, **kwargs)
+        report = models.load_pretrained(model, result.checkpoint)
+        assert report.missing == [] and report.unexpected == [] and report.shape_mismatch == [], scenario
+        assert report.loaded > 100
+        # the weights really arrived: the encoder equals the pretrained one
+        encoder = models.encoder_state_dict(result.model)
+        own = model.state_dict()
+        name = next(k for k in encoder if k.endswith("weight") and k in own)
+        assert torch.equal(own[name], encoder[name].to(own[name].dtype)), scenario
+    # a run never retrains a scenario over its own checkpoint
+    with pytest.raises(FileExistsError, match="never overwrites"):
+        pretrain.pretrain(run, stage("chest_mae", backbone), chest, chest_cache, 0.5, 0.25, quiet=True)
+
+
+def test_a_second_stage_without_its_chest_checkpoint_names_the_notebook(data, tmp_path):
+    run = runs.new_run("test", root=tmp_path)
+    target, cache = data["target"]
+    with pytest.raises(FileNotFoundError, match="01_chest_mae"):
+        pretrain.pretrain(run, stage("chest_mae+rotation", "densenet121"), target, cache, 0.5, 0.25, quiet=True)
+
+
+def test_config_refuses_what_the_study_does_not_define():
+    with pytest.raises(ValueError, match="not a pretraining scenario"):
+        pretrain.PretrainConfig("random", "vit_small")
+    with pytest.raises(ValueError, match="no pretraining objective"):
+        pretrain.PretrainConfig("chest_mae", "resnet50")
+    with pytest.raises(ValueError, match="crop_mode='center'"):
+        pretrain.PretrainConfig("chest_mae+target_mae_random", "vit_small", mask_region_bias=1.0)
+    config = pretrain.PretrainConfig("chest_mae", "vit_small")
+    assert (config.mask_ratio, config.patch_size, config.objective, config.init_scenario) == (0.9, 16, "masked", None)
+    assert pretrain.PretrainConfig("chest_mae+rotation", "densenet121").init_scenario == "chest_mae"
