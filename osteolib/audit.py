@@ -141,7 +141,7 @@ def audit_summary(df: pd.DataFrame, cache, scan: pd.DataFrame, near_dups: pd.Dat
 def write_json(data: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_plain(data), indent=2, default=_jsonable))
+    path.write_text(json.dumps(_plain(data), indent=2, default=_jsonable, allow_nan=False))
     return path
 
 
@@ -151,6 +151,8 @@ def _plain(value: Any) -> Any:
         return {str(_jsonable(k)) if not isinstance(k, str) else k: _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
+    if isinstance(value, float) and value != value:  # NaN is not JSON: an undefined statistic is null
+        return None
     return value
 
 

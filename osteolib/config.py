@@ -15,6 +15,7 @@ A profile file (``profiles/<name>.yaml``) names the notebooks to execute, in ord
         variants: [{crop_mode: random}, {crop_mode: center}]   # executed once per variant
       - notebook: 04_finetune
         grid: {scenario: [random, chest_mae], backbone: [densenet121], seed: [0, 1]}   # the cartesian product
+        after: results_tables   # then collect the grid's results table (see osteolib.runner.AFTER_STEP)
 
 Parameters are checked against each notebook's ``parameters`` cell before anything runs: a name the notebook does not
 declare is an error naming the profile, the step and the parameter.
@@ -58,6 +59,7 @@ class Step:
     parameters: dict[str, Any] = field(default_factory=dict)
     variants: list[dict[str, Any]] = field(default_factory=list)
     grid: dict[str, list[Any]] = field(default_factory=dict)
+    after: str | None = None  # a collection step the runner calls once the step's executions are done
 
     def executions(self, shared: dict[str, Any]) -> list[Execution]:
         """The step expanded into executions: shared parameters < step parameters < variant / grid cell."""
@@ -92,7 +94,7 @@ class Profile:
 
 def _short(value: Any) -> str:
     text = str(value).replace(os.sep, "_").replace(" ", "")
-    return text if len(text) <= 24 else text[:24]
+    return text if len(text) <= 40 else text[:40]
 
 
 def profile_path(name_or_path: str | os.PathLike) -> Path:
@@ -122,7 +124,7 @@ def load_profile(name_or_path: str | os.PathLike) -> Profile:
     for i, entry in enumerate(raw.get("steps") or []):
         if not isinstance(entry, dict) or "notebook" not in entry:
             raise ProfileError(f"{path}: step {i} must be a mapping with a 'notebook' key, got {entry!r}")
-        bad = set(entry) - {"notebook", "parameters", "variants", "grid"}
+        bad = set(entry) - {"notebook", "parameters", "variants", "grid", "after"}
         if bad:
             raise ProfileError(f"{path}: step {i} ({entry['notebook']}): unknown key(s) {sorted(bad)}")
         grid = entry.get("grid") or {}
@@ -131,7 +133,7 @@ def load_profile(name_or_path: str | os.PathLike) -> Profile:
                 raise ProfileError(f"{path}: step {i} ({entry['notebook']}): grid entry {key!r} must be a non-empty "
                                    f"list, got {values!r}")
         steps.append(Step(entry["notebook"], dict(entry.get("parameters") or {}),
-                          [dict(v) for v in entry.get("variants") or []], dict(grid)))
+                          [dict(v) for v in entry.get("variants") or []], dict(grid), entry.get("after")))
     if not steps:
         raise ProfileError(f"{path}: no steps: list the notebooks to execute under 'steps'")
     return Profile(name=raw.get("name", path.stem), description=raw.get("description", ""),

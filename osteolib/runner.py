@@ -25,6 +25,17 @@ from .config import (NOTEBOOKS_DIR, Execution, Profile, ProfileError, check_prof
 KERNEL_NAME = "osteolib"
 
 
+def _results_tables(run: runs.Run) -> None:
+    from .finetune import write_results_tables
+
+    for name, path in write_results_tables(run).items():
+        print(f"osteo: {name}: {path}", flush=True)
+
+
+# Collection steps a profile step may name with `after:`; each runs once all of the step's executions succeeded.
+AFTER_STEP = {"results_tables": _results_tables}
+
+
 class RunFailed(RuntimeError):
     """A notebook of the sequence failed; the message names the notebook, the cell and the run folder."""
 
@@ -96,6 +107,9 @@ def run_profile(profile: Profile | str, only: Sequence[str] | None = None, start
     if overrides:
         profile.parameters.update(overrides)
     check_profile(profile)
+    unknown = [s.after for s in profile.steps if s.after and s.after not in AFTER_STEP]
+    if unknown:
+        raise ProfileError(f"profile {profile.source}: unknown `after` step(s) {unknown}; known: {sorted(AFTER_STEP)}")
     check_kernel()
     executions = select(profile, only, start)
     if not executions:
@@ -124,6 +138,10 @@ def run_profile(profile: Profile | str, only: Sequence[str] | None = None, start
         records.append(record)
         run.update_info(executions=records)
         print(f"osteo: [{i}/{len(executions)}] {execution.name} done in {record['seconds']:.0f} s", flush=True)
+        last_of_step = i == len(executions) or executions[i].notebook != execution.notebook
+        after = next((s.after for s in profile.steps if s.notebook == execution.notebook), None)
+        if last_of_step and after:
+            AFTER_STEP[after](run)
     run.update_info(executions=records, status="complete", seconds=round(time.perf_counter() - started, 1))
     print(f"osteo: complete in {time.perf_counter() - started:.0f} s -> {run.path}", flush=True)
     return run

@@ -117,7 +117,10 @@ def test_failing_notebook_stops_the_run_naming_the_cell_and_keeps_outputs(tmp_pa
 def test_smoke_audit_runs_end_to_end(tmp_path):
     run = run_profile("smoke", only=["00"], parent=None, runs_dir=tmp_path / "runs", log_output=False,
                       overrides={"image_size": 48})
-    summary = json.loads((run.path / "data" / "audit.json").read_text())
+    def strict(constant):
+        raise AssertionError(f"audit.json holds {constant}, which is not JSON")
+
+    summary = json.loads((run.path / "data" / "audit.json").read_text(), parse_constant=strict)
     assert summary["n_images"] > 100 and set(summary["images_per_split"]) == {"train", "val", "test"}
     assert 0.0 < summary["normalisation"]["mean"] < 1.0
     assert (run.path / "figures" / "00_sample_grid.png").is_file()
