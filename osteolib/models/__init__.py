@@ -1,6 +1,7 @@
 """Models of the study: timm backbones by name, the pretraining models, and checked weight loading.
 
-- :func:`create_backbone` -- DenseNet121, ViT-small, EfficientNetV2-S, ResNet50, MobileNetV3, single channel, untrained.
+- :func:`create_backbone` -- DenseNet121, ViT-small, EfficientNetV2-S, ResNet50, MobileNetV3, single channel, untrained,
+  and ``"densenet121_multiscale"`` (:class:`MultiScaleDenseNet`, whose encoder loads DenseNet121 checkpoints).
 - :class:`MaskedAutoencoderViT` / :func:`mae_vit_small` -- MAE pretraining of the ViT.
 - :class:`MaskedDenseNet` (:class:`MaskedCNN`) -- SimMIM-style masked pretraining of the CNN.
 - :class:`RotationClassifier` / :func:`rotate_batch` -- the 4-way rotation proxy.
@@ -10,12 +11,16 @@
 from __future__ import annotations
 
 from osteolib.models.backbones import (
+    BACKBONE_NAMES,
     BACKBONES,
     CHECKPOINT_KINDS,
+    MULTISCALE_BACKBONES,
     BackboneSpec,
     CheckpointMismatchError,
     LoadReport,
+    checkpoint_kind,
     create_backbone,
+    encoder_arch,
     encoder_state_dict,
     infer_arch,
     load_pretrained,
@@ -36,26 +41,33 @@ from osteolib.models.mae import (
     unpatchify,
 )
 from osteolib.models.masked_cnn import MaskedCNN, MaskedDenseNet
+from osteolib.models.multiscale import MultiScaleDenseNet, multiscale_densenet121
 from osteolib.models.rotation import RotationClassifier, rotate_batch
 
 __all__ = [
+    "BACKBONE_NAMES",
     "BACKBONES",
     "CHECKPOINT_KINDS",
+    "MULTISCALE_BACKBONES",
     "BackboneSpec",
     "CheckpointMismatchError",
     "LoadReport",
     "MaskedAutoencoderViT",
     "MaskedCNN",
     "MaskedDenseNet",
+    "MultiScaleDenseNet",
     "PatchMask",
     "RotationClassifier",
+    "checkpoint_kind",
     "create_backbone",
+    "encoder_arch",
     "encoder_state_dict",
     "infer_arch",
     "load_pretrained",
     "mae_vit_small",
     "model_arch",
     "model_from_checkpoint",
+    "multiscale_densenet121",
     "patchify",
     "read_checkpoint",
     "region_patch_weights",

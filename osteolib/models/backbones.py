@@ -12,8 +12,14 @@ kind       encoder prefix   pretraining-only keys (dropped when only the encoder
 mae        ``""``           ``decoder_*`` (embed, blocks, norm, pred, pos_embed), ``mask_token``
 masked_cnn ``encoder.``     ``decoder.*`` (1x1 conv + pixel shuffle), ``mask_token``
 rotation   ``backbone.``    ``rotation_head.*`` (the 4-way rotation classifier)
+multiscale ``backbone.``    ``scale_heads.*``, ``relevance.*`` (the multi-scale DenseNet's heads)
 backbone   ``""``           the architecture's classifier head (``classifier.``/``head.``/``fc.``)
 ========== ================ ===================================================================
+
+``"multiscale"`` is not a pretraining model but the fine-tuning model ``densenet121_multiscale``
+(:mod:`osteolib.models.multiscale`): a DenseNet121 encoder under ``backbone.`` with per-scale heads.
+Its architecture (``arch``) is therefore ``densenet121``, so every DenseNet121 pretraining checkpoint
+(masked CNN, rotation) loads into its encoder, checked like any other.
 
 A checkpoint is a dict saved with ``torch.save``::
 
@@ -41,7 +47,7 @@ import timm
 import torch
 from torch import nn
 
-CHECKPOINT_KINDS = ("mae", "masked_cnn", "rotation", "backbone")
+CHECKPOINT_KINDS = ("mae", "masked_cnn", "rotation", "multiscale", "backbone")
 
 
 class CheckpointMismatchError(ValueError):
@@ -119,12 +125,22 @@ BACKBONES: dict[str, BackboneSpec] = {
     )
 }
 
-# Where each pretraining kind keeps its encoder, and which of its keys exist only for pretraining.
+# Where each pretraining kind keeps its encoder, and which of its keys exist only for pretraining
+# (for "multiscale": which keys are its heads, new at fine-tuning like a backbone's classifier).
 PRETRAINING_LAYOUTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "mae": ("", ("decoder_", "mask_token")),
     "masked_cnn": ("encoder.", ("decoder.", "mask_token")),
     "rotation": ("backbone.", ("rotation_head.",)),
+    "multiscale": ("backbone.", ("scale_heads.", "relevance.")),
 }
+
+# Fine-tuning models built around a registered encoder rather than taken from timm: name -> encoder
+# architecture (whose pretraining checkpoints they load). Kept out of BACKBONES, which lists the timm
+# architectures a checkpoint's "arch" can name (and which infer_arch recognises from plain state dicts).
+MULTISCALE_BACKBONES: dict[str, str] = {"densenet121_multiscale": "densenet121"}
+
+# Every name create_backbone accepts.
+BACKBONE_NAMES: tuple[str, ...] = tuple(sorted((*BACKBONES, *MULTISCALE_BACKBONES)))
 
 # Prefixes that wrappers add without changing the model: DataParallel and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -132,9 +148,32 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 def backbone_spec(name: str) -> BackboneSpec:
     """The registry entry for ``name``; unknown names raise ValueError listing the known ones."""
+    if name in MULTISCALE_BACKBONES:
+        raise ValueError(f"{name!r} is a multi-scale model around {MULTISCALE_BACKBONES[name]}, not a timm "
+                         f"architecture: build it with create_backbone({name!r}, num_classes=...)")
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; known backbones: {', '.join(sorted(BACKBONES))}")
+        raise ValueError(f"unknown backbone {name!r}; known backbones: {', '.join(BACKBONE_NAMES)}")
     return BACKBONES[name]
+
+
+def encoder_arch(name: str) -> str:
+    """The architecture whose pretraining checkpoints a model built by ``create_backbone(name)`` loads:
+    the name itself for a timm backbone, the encoder's for a multi-scale model."""
+    if name in MULTISCALE_BACKBONES:
+        return MULTISCALE_BACKBONES[name]
+    return backbone_spec(name).name
+
+
+def checkpoint_kind(model: nn.Module) -> str:
+    """The checkpoint layout of a model built here (a ``CHECKPOINT_KINDS`` entry): its ``checkpoint_kind``
+    attribute (pretraining models), "multiscale" for the multi-scale DenseNet, else "backbone"."""
+    from osteolib.models.multiscale import MultiScaleDenseNet  # imported here: multiscale imports this module
+
+    model = unwrap_model(model)
+    kind = getattr(model, "checkpoint_kind", None)
+    if kind is not None:
+        return kind
+    return "multiscale" if isinstance(model, MultiScaleDenseNet) else "backbone"
 
 
 def create_backbone(
@@ -152,13 +191,19 @@ def create_backbone(
     ``depth`` or ``global_pool`` pass through ``kw`` to timm. The model gets two attributes:
     ``backbone_name`` (the registry name, used by :func:`load_pretrained` to refuse a checkpoint
     of another architecture) and ``backbone_config`` (the arguments, stored in checkpoints).
+
+    ``"densenet121_multiscale"`` builds :class:`~osteolib.models.multiscale.MultiScaleDenseNet`
+    (``num_classes`` >= 1; extra ``kw`` such as ``blocks`` or ``drop_rate`` go to it). Its
+    architecture for checkpoints is ``densenet121`` and its checkpoint kind "multiscale".
     """
-    spec = backbone_spec(name)
     if kw.pop("pretrained", False):
         raise ValueError(
             f"create_backbone({name!r}, pretrained=True): the project never downloads weights; build the model "
             "untrained and load a project checkpoint with load_pretrained(model, path)"
         )
+    if name in MULTISCALE_BACKBONES:
+        return _create_multiscale(name, num_classes, in_chans, img_size, drop_path_rate, **kw)
+    spec = backbone_spec(name)
     if not isinstance(num_classes, int) or num_classes < 0:
         raise ValueError(f"create_backbone({name!r}): num_classes must be an int >= 0, got {num_classes!r}")
     if not isinstance(in_chans, int) or in_chans < 1:
@@ -195,6 +240,20 @@ def create_backbone(
     return model
 
 
+def _create_multiscale(name: str, num_classes: int, in_chans: int, img_size: int | tuple[int, int],
+                       drop_path_rate: float, **kw: Any) -> nn.Module:
+    from osteolib.models.multiscale import MultiScaleDenseNet  # imported here: multiscale imports this module
+
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"create_backbone({name!r}): num_classes must be an int >= 1 (it is a classifier with "
+                         f"one head per scale), got {num_classes!r}; for pooled features use "
+                         f"create_backbone({MULTISCALE_BACKBONES[name]!r}, num_classes=0)")
+    if drop_path_rate:
+        raise ValueError(f"create_backbone({name!r}, drop_path_rate={drop_path_rate}): its DenseNet121 encoder has "
+                         "no stochastic depth in timm; use drop_rate (dropout before the scale heads) instead")
+    return MultiScaleDenseNet(num_classes=num_classes, in_chans=in_chans, img_size=img_size, **kw)
+
+
 def infer_arch(state_dict: Mapping[str, Any]) -> str | None:
     """The registered architecture whose signature keys a backbone-named state dict holds, else None."""
     keys = set(state_dict)
@@ -220,7 +279,7 @@ def model_arch(model: nn.Module) -> str:
     model = unwrap_model(model)
     name = getattr(model, "backbone_name", None)
     if name is None:
-        prefix, is_extra = _layout(getattr(model, "checkpoint_kind", "backbone"), None)
+        prefix, is_extra = _layout(checkpoint_kind(model), None)
         name = infer_arch({k[len(prefix):]: None for k in model.state_dict() if k.startswith(prefix)})
     if name is None:
         raise ValueError(
@@ -233,7 +292,7 @@ def model_arch(model: nn.Module) -> str:
 def encoder_state_dict(model: nn.Module) -> "OrderedDict[str, torch.Tensor]":
     """The model's encoder weights under backbone names: no prefix, no decoder, mask token or head."""
     model = unwrap_model(model)
-    kind = getattr(model, "checkpoint_kind", "backbone")
+    kind = checkpoint_kind(model)
     prefix, is_extra = _layout(kind, model_arch(model))
     return OrderedDict(
         (k[len(prefix):], v) for k, v in model.state_dict().items() if k.startswith(prefix) and not is_extra(k)
@@ -320,7 +379,7 @@ def save_encoder_checkpoint(
     temporary name and renamed, so an interrupted save never leaves a truncated checkpoint.
     """
     model = unwrap_model(model)
-    kind = getattr(model, "checkpoint_kind", "backbone")
+    kind = checkpoint_kind(model)
     arch = model_arch(model)
     if encoder_only:
         prefix, _ = _layout(kind, arch)
@@ -382,7 +441,7 @@ def load_pretrained(
     """
     model = unwrap_model(model)  # a compiled or DataParallel model shares its weights with the inner one
     ck = _as_checkpoint(checkpoint, kind)
-    target_kind = getattr(model, "checkpoint_kind", "backbone")
+    target_kind = checkpoint_kind(model)
     target_arch = model_arch(model)
     ck_prefix, ck_is_extra = _layout(ck.kind, ck.arch)
 
@@ -568,6 +627,7 @@ def model_from_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any]) -> 
     # Imported here because the pretraining modules import this one.
     from osteolib.models.mae import MaskedAutoencoderViT
     from osteolib.models.masked_cnn import MaskedCNN
+    from osteolib.models.multiscale import MultiScaleDenseNet
     from osteolib.models.rotation import RotationClassifier
 
     if isinstance(checkpoint, (str, os.PathLike)):
@@ -583,6 +643,7 @@ def model_from_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any]) -> 
         "mae": MaskedAutoencoderViT,
         "masked_cnn": MaskedCNN,
         "rotation": RotationClassifier,
+        "multiscale": MultiScaleDenseNet,
         "backbone": lambda **cfg: create_backbone(checkpoint["arch"], **cfg),
     }
     model = builders[checkpoint["kind"]](**config)
