@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from osteolib.transforms import patch_weights
+
 from osteolib.models import (
     BACKBONES,
     CheckpointMismatchError,
@@ -26,7 +28,6 @@ from osteolib.models import (
     model_from_checkpoint,
     patchify,
     read_checkpoint,
-    region_patch_weights,
     rotate_batch,
     sample_patch_mask,
     save_encoder_checkpoint,
@@ -124,9 +125,10 @@ def test_patch_mask_honours_ratio_and_generator():
 def test_mask_weights_concentrate_masking_on_the_region():
     region = torch.zeros(1, 32, 32)
     region[:, 8:24, 8:24] = 1.0  # the central 4 of 16 patches of 8 px
-    weights = region_patch_weights(region, 8, background=0.1).expand(400, -1)
-    assert torch.allclose(weights[0].reshape(4, 4)[1:3, 1:3], torch.full((2, 2), 1.1))
-    assert torch.allclose(weights[0].reshape(4, 4)[0], torch.full((4,), 0.1))
+    # the weights the fit path feeds the masking models (osteolib.transforms.patch_weights): 1 + bias x coverage
+    weights = patch_weights(region, 8, bias=10.0)[None].expand(400, -1)
+    grid = weights[0].reshape(4, 4)
+    assert torch.allclose(grid[1:3, 1:3] / grid[0, 0], torch.full((2, 2), 11.0))
     pm = sample_patch_mask(400, 16, 0.5, mask_weights=weights, generator=torch.Generator().manual_seed(0))
     inside = weights[0] > 1
     hidden_inside = pm.mask[:, inside].mean().item()

@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from timm.layers import LayerNorm, PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
@@ -130,25 +129,6 @@ def sample_patch_mask(
     mask[:, :keep] = 0.0
     mask = torch.gather(mask, 1, ids_restore)
     return PatchMask(mask=mask, ids_keep=ids_shuffle[:, :keep], ids_restore=ids_restore)
-
-
-def region_patch_weights(regions: torch.Tensor, patch_size: int, background: float = 0.1) -> torch.Tensor:
-    """Per-patch masking weights from region masks (B, H, W) or (B, 1, H, W) with values in [0, 1].
-
-    The weight is ``background + fraction of the patch inside the region``: masking concentrates
-    on the region but still reaches the rest of the image (background=0 would hide only the region
-    whenever it is large enough).
-    """
-    if regions.dim() == 3:
-        regions = regions[:, None]
-    if regions.dim() != 4 or regions.shape[1] != 1:
-        raise ValueError(f"regions must be (B, H, W) or (B, 1, H, W), got {tuple(regions.shape)}")
-    if regions.shape[-2] % patch_size or regions.shape[-1] % patch_size:
-        raise ValueError(f"region size {tuple(regions.shape[-2:])} is not a multiple of patch_size {patch_size}")
-    if background < 0:
-        raise ValueError(f"background must be >= 0, got {background}")
-    coverage = F.avg_pool2d(regions.float(), patch_size)
-    return background + coverage.flatten(1)
 
 
 def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
