@@ -79,6 +79,9 @@ class PretrainConfig:
         self.patch_size = self.patch_size or DEFAULT_PATCH[self.backbone]
         self.mask_ratio = DEFAULT_MASK_RATIO[self.backbone] if self.mask_ratio is None else float(self.mask_ratio)
         self.crop_scale = (float(self.crop_scale[0]), float(self.crop_scale[1]))
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ValueError(f"warmup_epochs={self.warmup_epochs} must be in [0, epochs={self.epochs}): the warmup "
+                             f"has to end before training does (use 0 or a fraction for one-epoch runs)")
         if self.mask_region_bias > 0 and self.crop_mode != "center":
             raise ValueError("mask_region_bias > 0 needs crop_mode='center' (the region-guided policy)")
 
@@ -93,7 +96,7 @@ class PretrainConfig:
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, base_lr=self.base_lr,
-                           warmup_epochs=min(self.warmup_epochs, self.epochs - 1e-9) if self.epochs > 1 else 0.0,
+                           warmup_epochs=float(self.warmup_epochs),
                            weight_decay=self.weight_decay, seed=self.seed, precision=self.precision,
                            mask_region_bias=self.mask_region_bias,
                            monitor="valid_loss")

@@ -75,6 +75,8 @@ def test_config_refuses_what_the_study_does_not_define():
         pretrain.PretrainConfig("random", "vit_small")
     with pytest.raises(ValueError, match="no pretraining objective"):
         pretrain.PretrainConfig("chest_mae", "resnet50")
+    with pytest.raises(ValueError, match="warmup_epochs=2 must be in"):
+        pretrain.PretrainConfig("chest_mae", "vit_small", epochs=2, warmup_epochs=2)
     with pytest.raises(ValueError, match="crop_mode='center'"):
         pretrain.PretrainConfig("chest_mae+target_mae_random", "vit_small", mask_region_bias=1.0)
     config = pretrain.PretrainConfig("chest_mae", "vit_small")
