@@ -885,3 +885,13 @@ def _write_text(text: str, path: str | os.PathLike | None) -> None:
 def _plain(value: Any) -> Any:
     """numpy scalars -> Python scalars, so result dicts serialise to JSON as they are."""
     return value.item() if isinstance(value, np.generic) else value
+
+
+def with_validation_thresholds(df: pd.DataFrame, threshold_method: str = "youden") -> pd.DataFrame:
+    """The prediction table with a ``threshold`` column: each run's decision threshold, chosen on that run's own
+    validation rows (as :func:`evaluate_runs` does), so that test accuracy and McNemar tests downstream use the
+    validation-chosen operating point rather than 0.5."""
+    keys = run_columns(df)
+    metrics = evaluate_runs(df, threshold_method=threshold_method)
+    thresholds = metrics.loc[metrics["split"] == "val", [*keys, "threshold"]]
+    return df.drop(columns=["threshold"], errors="ignore").merge(thresholds, on=keys, how="left", validate="m:1")

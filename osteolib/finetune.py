@@ -62,7 +62,7 @@ from .evaluate import (
 )
 from .pretrain import PRETRAINING_BACKBONES, SCENARIOS, find_checkpoint
 from .runs import Run
-from .train import PrecisionChoice, TrainConfig, fit, load_weights
+from .train import BEST, PrecisionChoice, TrainConfig, fit, load_weights
 from .transforms import crop_policy, finetune_transform
 
 __all__ = [
@@ -840,3 +840,26 @@ def label_efficiency_figure(summary: pd.DataFrame):
     axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig
+
+
+def finetuned_runs(run: Run) -> list[str]:
+    """Names of the fine-tuning runs whose summaries this run folder (or its parents) holds, in order."""
+    names: list[str] = []
+    current: Run | None = run
+    while current is not None:
+        logs = current.path / "logs"
+        found = sorted(p.name[: -len("-summary.json")] for p in logs.glob("*-summary.json")) if logs.is_dir() else []
+        names += [n for n in found if n not in names]
+        current = current.parent
+    return names
+
+
+def load_finetuned(run: Run, name: str) -> tuple[nn.Module, FinetuneConfig, list[str]]:
+    """The selected (best validation AUC) model of fine-tuning run ``name``, in eval mode, with its config."""
+    summary = json.loads(run.find(Path("logs") / f"{name}-summary.json").read_text())
+    fields = dict(summary["config"])
+    fields["crop_scale"] = tuple(fields["crop_scale"])
+    config = FinetuneConfig(**fields)
+    model, _ = build_model(config, run, num_classes=len(summary["classes"]))
+    load_weights(model, run.find(Path("checkpoints") / "finetune" / name / BEST))
+    return model.eval(), config, list(summary["classes"])

@@ -37,6 +37,7 @@ from osteolib.evaluate import (
     to_latex,
     to_markdown,
     validate_predictions,
+    with_validation_thresholds,
     write_predictions,
 )
 
@@ -479,3 +480,19 @@ def test_figures_are_built_with_the_numbers_they_show():
     assert len(fig.axes) == 2
     with pytest.raises(PredictionError, match="test columns"):
         plot_learning_curves(history.assign(test_auc=[0.5, 0.6, 0.7]))
+
+
+def test_each_run_gets_the_threshold_chosen_on_its_own_validation_rows():
+    rng = np.random.default_rng(3)
+    tables = []
+    for seed in (0, 1):
+        y_val = rng.integers(0, 2, 40)
+        p_val = np.clip(0.3 * y_val + rng.uniform(0, 0.7, 40), 0, 1)
+        tables += [binary_table(y_val, p_val, "val", seed=seed), binary_table(Y, P, "test", seed=seed)]
+    df = pd.concat(tables, ignore_index=True)
+    out = with_validation_thresholds(df)
+    assert len(out) == len(df) and out["threshold"].notna().all()
+    for seed in (0, 1):
+        val = df[(df["seed"] == seed) & (df["split"] == "val")]
+        expected = choose_threshold(val["target"].to_numpy(), val["prob_osteoporosis"].to_numpy())
+        assert set(out.loc[out["seed"] == seed, "threshold"]) == {expected}  # test rows carry the val choice
