@@ -308,6 +308,13 @@ def test_finetune_selects_on_validation_and_reads_test_once_at_the_end(tmp_path,
     assert summary["counts"]["test"] == {"normal": 4, "osteoporosis": 4}
     assert (run.checkpoints / "finetune" / result.name / "best.pt").is_file()
 
+    # the explanation stage rebuilds exactly the selected model from the run folder
+    assert finetune_module.finetuned_runs(run) == [result.name]
+    reloaded, reloaded_config, classes = finetune_module.load_finetuned(run, result.name)
+    assert reloaded_config == cfg and classes == ["normal", "osteoporosis"] and not reloaded.training
+    reloaded_state = reloaded.state_dict()
+    assert all(torch.equal(v.cpu(), reloaded_state[k].cpu()) for k, v in result.model.state_dict().items())
+
 
 # --- the multi-scale DenseNet: factory, checkpoints, fine-tuning -----------------------------------
 
