@@ -227,18 +227,16 @@ def rotation_accuracy(model: nn.Module, cache: Any, image_ids: list[str], mean: 
     """Validation accuracy per rotation class: every image is shown at 0, 90, 180 and 270 degrees."""
     model.eval()
     device = next(model.parameters()).device
-    rows = np.array([cache.index[i] for i in image_ids])
     correct = np.zeros(4)
     confusion = np.zeros((4, 4), dtype=int)
-    for start in range(0, len(rows), batch_size):
-        batch = torch.from_numpy(np.asarray(cache.images[rows[start:start + batch_size]], dtype=np.float32))
-        batch = ((batch / 255.0 - mean) / std)[:, None].to(device)
+    for start in range(0, len(image_ids), batch_size):
+        batch = example_images(cache, image_ids[start:start + batch_size], mean, std).to(device)
         for k in range(4):
             predicted = model(RotationTargets.rotate(batch, k)).float().argmax(dim=1).cpu().numpy()
             correct[k] += (predicted == k).sum()
             np.add.at(confusion[k], predicted, 1)
-    table = pd.DataFrame({"rotation": [f"{90 * k}°" for k in range(4)], "images": len(rows),
-                          "accuracy": correct / max(len(rows), 1)})
+    table = pd.DataFrame({"rotation": [f"{90 * k}°" for k in range(4)], "images": len(image_ids),
+                          "accuracy": correct / max(len(image_ids), 1)})
     for j in range(4):
         table[f"predicted {90 * j}°"] = confusion[:, j]
     return table
@@ -251,13 +249,14 @@ def _plain(config: PretrainConfig) -> dict[str, Any]:
 def example_images(cache: Any, image_ids: list[str], mean: float, std: float,
                    with_regions: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """A batch (N,1,S,S) of whole cached images, normalised as in training (and their region masks)."""
-    rows = np.array([cache.index[i] for i in image_ids])
-    images = torch.from_numpy(np.asarray(cache.images[rows], dtype=np.float32))[:, None]
-    images = (images / 255.0 - mean) / std
+    from .data import XrayDataset
+
+    dataset = XrayDataset(cache, image_ids, region_aware=True, mean=mean, std=std)
+    items = [dataset[i] for i in range(len(dataset))]
+    images = torch.stack([item[0] for item in items])
     if not with_regions:
         return images
-    regions = torch.from_numpy(np.asarray(cache.regions[rows], dtype=np.uint8))[:, None]
-    return images, regions
+    return images, torch.stack([item[1] for item in items])
 
 
 def crop_examples_figure(cache: Any, image_ids: list[str], size: int, crops: int = 3, seed: int = 0,

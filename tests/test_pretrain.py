@@ -45,6 +45,12 @@ def test_every_scenario_trains_and_loads_into_the_finetuning_model(data, backbon
                                    quiet=True)
         assert result.init_report is not None and not result.init_report.missing  # started from chest MAE
         written[scenario] = result
+    val_ids = target.loc[target["split"] == "val", "image_id"].tolist()
+    per_rotation = pretrain.rotation_accuracy(written["chest_mae+rotation"].model, target_cache, val_ids, 0.5, 0.25)
+    assert per_rotation["rotation"].tolist() == ["0°", "90°", "180°", "270°"]
+    predicted = per_rotation[[f"predicted {a}°" for a in (0, 90, 180, 270)]].to_numpy()
+    assert (predicted.sum(axis=1) == len(val_ids)).all()  # every image shown at every rotation, once
+    assert per_rotation["accuracy"].tolist() == [predicted[k, k] / len(val_ids) for k in range(4)]
     for scenario, result in written.items():
         assert result.checkpoint == run.checkpoints / scenario / f"{backbone}.pt"
         assert result.fit.history["train_loss"].notna().all()
