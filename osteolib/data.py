@@ -192,7 +192,11 @@ def auto_num_workers(device: torch.device | str | None = None) -> int:
         torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     if device.type != "cuda":
         return 0
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
+    # The cores this process may use (a pinned `osteo run --jobs` child has its share), split between the
+    # training processes torchrun started on this machine.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(8, cores - 1))
 
 
 def _loader(dataset: XrayDataset, batch_size: int, shuffle: bool, drop_last: bool, seed: int,

@@ -21,6 +21,13 @@ history, best-so-far), ``final.pt`` (final weights and metadata), ``best.pt`` (t
 best epoch by ``monitor``), ``history.csv`` / ``history.json``. ``fit(..., resume=True)`` continues
 from ``checkpoint_last.pt`` and reaches bit-identical weights to an uninterrupted run (CPU, same
 config and machine). An out_dir holding a finished or partial run is never overwritten silently.
+
+Distributed data parallel: a process started by ``torchrun`` (``WORLD_SIZE`` > 1) trains distributed
+through the same ``fit`` (:mod:`osteolib.distributed`: DDP, sharded training data, SyncBatchNorm on
+CUDA, rank 0 alone writes; ``config.batch_size`` is per process and ``base_lr`` scales with the global
+batch). A single process takes exactly the path it always took. On CUDA with ``deterministic=False``,
+cuDNN's autotuner (``cudnn.benchmark``) is switched on for the fit; loaders pin memory and use worker
+processes on CUDA (:func:`osteolib.data.make_dataloaders`).
 """
 from __future__ import annotations
 
@@ -45,6 +52,7 @@ from fastai.optimizer import OptimWrapper
 from fastcore.basics import noop
 from torch import nn
 
+from . import distributed
 from .transforms import patch_weights
 
 __all__ = [
@@ -153,7 +161,12 @@ class TrainConfig:
     @property
     def peak_lr(self) -> float:
         """The learning rate at the end of warmup (MAE scaling applied to ``base_lr``)."""
-        return float(self.lr) if self.lr is not None else float(self.base_lr) * self.batch_size / 256.0
+        return self.peak_lr_for(self.batch_size)
+
+    def peak_lr_for(self, global_batch_size: int) -> float:
+        """The peak lr when ``global_batch_size`` images make one optimiser step (distributed: batch_size x
+        processes): ``base_lr`` is scaled by it (MAE's rule); an explicit ``lr`` is used as given."""
+        return float(self.lr) if self.lr is not None else float(self.base_lr) * global_batch_size / 256.0
 
     @property
     def minimise(self) -> bool:
@@ -477,14 +490,23 @@ class CheckpointCallback(Callback):
         run, learn = self.state, self.learn
         names = [n for n in learn.recorder.metric_names[1:] if n != "time"]
         recorded = dict(zip(names, getattr(learn, "final_record", [])))
+        loss_sum, loss_count = (float(self.loss_sum) if self.loss_sum is not None else 0.0), self.loss_count
+        figures = dict(getattr(self.throughput_cb, "figures", {}))
+        if run.distributed is not None:
+            # The history reports the whole job: the loss over every process's images, images/s summed.
+            from .distributed import all_reduce_sum
+
+            loss_sum, loss_count, images_per_s = all_reduce_sum(
+                [loss_sum, loss_count, figures.get("train_images_per_s", 0.0)])
+            figures["train_images_per_s"] = images_per_s
         row: dict[str, Any] = {"epoch": int(learn.epoch),
-                               "train_loss": (float(self.loss_sum) / self.loss_count) if self.loss_count else None}
+                               "train_loss": (loss_sum / loss_count) if loss_count else None}
         for name, value in recorded.items():
             if name != "train_loss":
                 row[name] = _plain(value)
         row["lr"] = float(self.schedule.current_lr)
         row["seconds"] = time.perf_counter() - self.epoch_start
-        row.update(getattr(self.throughput_cb, "figures", {}))
+        row.update(figures)
         run.history.append(row)
         run.update_best(row, learn.epoch)
         done = learn.epoch + 1
@@ -616,6 +638,8 @@ class _Run:
     learn: Learner | None = None
     scaler: torch.amp.GradScaler | None = None
     history: list[dict] = field(default_factory=list)
+    # Distributed: the torchrun job (None for a single process); only its rank 0 writes files.
+    distributed: Any = None
     best: dict = field(default_factory=lambda: {"monitor": None, "value": None, "epoch": None})
 
     def update_best(self, row: dict, epoch: int) -> None:
@@ -627,7 +651,12 @@ class _Run:
         better = previous is None or (value < previous if self.config.minimise else value > previous)
         if better:
             self.best = {"monitor": monitor, "value": value, "epoch": int(epoch)}
-            _atomic_save(self._weights_record(epoch + 1), self.out_dir / BEST)
+            if self.writes:
+                _atomic_save(self._weights_record(epoch + 1), self.out_dir / BEST)
+
+    @property
+    def writes(self) -> bool:
+        return self.distributed is None or self.distributed.is_main
 
     def _weights_record(self, epochs_done: int) -> dict:
         return {"format": CHECKPOINT_FORMAT, "kind": "weights", "stage": self.stage, "epoch": int(epochs_done),
@@ -636,6 +665,8 @@ class _Run:
                 "history": list(self.history), "best": dict(self.best)}
 
     def save_checkpoint(self, epochs_done: int) -> None:
+        if not self.writes:
+            return
         record = self._weights_record(epochs_done)
         record.update(kind="checkpoint", optimizer=self.learn.opt.opt.state_dict(),
                       scaler=self.scaler.state_dict() if self.scaler is not None else None,
@@ -643,10 +674,14 @@ class _Run:
         _atomic_save(record, self.out_dir / CHECKPOINT_LAST)
 
     def save_final(self) -> Path:
+        if not self.writes:
+            return self.out_dir / FINAL
         _atomic_save(self._weights_record(self.config.epochs), self.out_dir / FINAL)
         return self.out_dir / FINAL
 
     def write_history(self) -> None:
+        if not self.writes:
+            return
         _atomic_write_text(json.dumps(self.history, indent=1), self.out_dir / HISTORY_JSON)
         _atomic_write_text(pd.DataFrame(self.history).to_csv(index=False), self.out_dir / HISTORY_CSV)
 
@@ -668,6 +703,10 @@ class FitResult:
     resumed_from_epoch: int | None
     seconds: float
     learner: Learner = field(repr=False)
+    # images per optimiser step over all processes, the peak lr used, and the number of processes
+    global_batch_size: int = 0
+    peak_lr: float = 0.0
+    world_size: int = 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -729,6 +768,15 @@ def fit(model: nn.Module, dls: DataLoaders, config: TrainConfig, out_dir: str | 
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     if not isinstance(dls, DataLoaders) or len(dls.loaders) < 2:
         raise TypeError("dls must be fastai DataLoaders(train, valid); build them with osteolib.data.make_dataloaders")
+    # Started by torchrun (WORLD_SIZE > 1): join the process group and train on this rank's shard.
+    ctx = distributed.context()
+    joined_group = False
+    if ctx is not None:
+        joined_group = distributed.init_process_group(ctx)
+        dls = distributed.shard_train_loader(dls, ctx)
+    world_size = ctx.world_size if ctx is not None else 1
+    global_batch = config.batch_size * world_size
+    peak_lr = config.peak_lr_for(global_batch)
     steps_per_epoch = len(dls.train)
     if steps_per_epoch == 0:
         raise ValueError("the training loader yields no batches (too few images for its batch size with drop_last)")
@@ -752,7 +800,8 @@ def fit(model: nn.Module, dls: DataLoaders, config: TrainConfig, out_dir: str | 
         raise ValueError(f"warmup of {warmup_steps} steps leaves no room in {total_steps} training steps; "
                          f"lower warmup_epochs")
 
-    out_dir = Path(out_dir)
+    # Every rank reads (resume, best.pt) and rank 0 writes the same folder: rank 0's.
+    out_dir = distributed.broadcast_path(out_dir) if ctx is not None else Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = _check_out_dir(out_dir, resume)
     if checkpoint is not None:
@@ -762,11 +811,13 @@ def fit(model: nn.Module, dls: DataLoaders, config: TrainConfig, out_dir: str | 
     precision = choose_precision(device, config.precision)
     channels_last = _use_channels_last(model, config.channels_last, precision)
     model.to(device)
+    if ctx is not None:
+        model = distributed.convert_sync_batchnorm(model, ctx)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     scaler = torch.amp.GradScaler(device.type) if precision.grad_scaler else None
     run = _Run(model=model, config=config, out_dir=out_dir, stage=stage, precision=precision,
-               channels_last=channels_last, scaler=scaler)
+               channels_last=channels_last, scaler=scaler, distributed=ctx)
 
     groups = param_groups(model, config.weight_decay, config.layer_decay)
     learner_model = _RegionInputs(model, patch_size, config.mask_region_bias) if region_aware else model
@@ -774,7 +825,7 @@ def fit(model: nn.Module, dls: DataLoaders, config: TrainConfig, out_dir: str | 
         dls, learner_model, loss_func=loss_func if loss_func is not None else model_loss,
         opt_func=lambda params, lr: OptimWrapper(params, torch.optim.AdamW, lr=lr, betas=config.betas,
                                                  eps=config.eps, weight_decay=config.weight_decay),
-        lr=lr_at_step(0, total_steps, warmup_steps, config.peak_lr, config.min_lr),
+        lr=lr_at_step(0, total_steps, warmup_steps, peak_lr, config.min_lr),
         splitter=lambda _: groups, metrics=metrics, path=out_dir, wd=None)
     run.learn = learn
     if config.monitor is not None:
@@ -801,20 +852,24 @@ def fit(model: nn.Module, dls: DataLoaders, config: TrainConfig, out_dir: str | 
         start_epoch = int(checkpoint["epoch"])
     learn.first_epoch = start_epoch
 
-    schedule = WarmupCosineSchedule(config.peak_lr, config.min_lr, total_steps, warmup_steps, steps_per_epoch)
+    schedule = WarmupCosineSchedule(peak_lr, config.min_lr, total_steps, warmup_steps, steps_per_epoch)
     autocast_cb = AutocastCallback(precision, channels_last, config.grad_clip, scaler)
     throughput = ThroughputCallback()
     training_cbs = [_StartCounters(start_epoch, steps_per_epoch, config.epochs), schedule, autocast_cb, throughput,
                     CheckpointCallback(run, schedule, throughput)]
+    if ctx is not None:
+        training_cbs.append(distributed.DistributedDataParallelCallback(ctx, config.seed))
     learn.add_cbs(training_cbs)
     if cbs:
         learn.add_cbs(list(cbs))
-    if quiet:
+    if quiet or not run.writes:
         learn.remove_cbs(learn._grab_cbs(ProgressCallback))
         learn.logger = noop
     else:
+        scale = (f"; {world_size} processes ({ctx.backend}) x batch {config.batch_size} = global batch "
+                 f"{global_batch}" if ctx is not None else "")
         print(f"[{stage}] precision {precision.name} ({precision.reason}); channels_last={channels_last}; "
-              f"device {device}; {steps_per_epoch} steps/epoch; peak lr {config.peak_lr:.3g}"
+              f"device {device}; {steps_per_epoch} steps/epoch; peak lr {peak_lr:.3g}{scale}"
               + (f"; resuming after epoch {start_epoch}" if checkpoint is not None else ""))
 
     previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
@@ -824,6 +879,9 @@ def fit(model: nn.Module, dls: DataLoaders, config: TrainConfig, out_dir: str | 
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    elif device.type == "cuda":
+        # Fixed input sizes: let cuDNN pick the fastest convolution algorithms (restored below).
+        torch.backends.cudnn.benchmark = True
     try:
         if start_epoch < config.epochs:
             learn.fit(config.epochs)
@@ -837,12 +895,18 @@ def fit(model: nn.Module, dls: DataLoaders, config: TrainConfig, out_dir: str | 
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous[2], previous[3]
     final_path = run.save_final()
     run.write_history()
+    if ctx is not None:
+        # The other ranks may read best.pt / final.pt next: wait until rank 0 has written them.
+        distributed.barrier()
+        if joined_group:
+            distributed.destroy_process_group()
     best_path = out_dir / BEST if run.best["epoch"] is not None else None
     return FitResult(model=model, history=pd.DataFrame(run.history), out_dir=out_dir, final_path=final_path,
                      checkpoint_path=out_dir / CHECKPOINT_LAST, best_path=best_path,
                      best_epoch=run.best["epoch"], best_value=run.best["value"], precision=precision,
                      channels_last=channels_last, resumed_from_epoch=start_epoch if checkpoint is not None else None,
-                     seconds=time.perf_counter() - started, learner=learn)
+                     seconds=time.perf_counter() - started, learner=learn, global_batch_size=global_batch,
+                     peak_lr=peak_lr, world_size=world_size)
 
 
 def _check_resumable(checkpoint: dict, config: TrainConfig, stage: str, out_dir: Path) -> None:

@@ -137,3 +137,102 @@ def test_real_profile_audits_the_nih_subset(tmp_path, real_data_root):
     assert summary["n_images"] == 1000 and summary["n_patients"] == 682
     assert summary["with_expert_region"] == 44  # the 49 radiologist boxes fall on 44 images
     assert (run.path / "figures" / "00_sample_grid.png").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- --jobs and --cell
+
+
+def test_plan_slots_splits_cores_and_gives_each_job_one_gpu():
+    from osteolib.runner import plan_slots
+
+    slots = plan_slots(2, cores=[4, 5, 6, 7, 8], gpus=0)
+    assert [s.cores for s in slots] == [(4, 5), (6, 7)] and [s.gpu for s in slots] == [None, None]
+    assert slots[0].environment() == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+    gpu_slots = plan_slots(2, cores=range(8), gpus=2)
+    assert [s.gpu for s in gpu_slots] == [0, 1] and gpu_slots[1].environment()["CUDA_VISIBLE_DEVICES"] == "1"
+    with pytest.raises(ProfileError, match="one job per GPU"):
+        plan_slots(3, cores=range(8), gpus=2)
+    with pytest.raises(ProfileError, match="at most one job per core"):
+        plan_slots(3, cores=[0, 1], gpus=0)
+    with pytest.raises(ProfileError, match="--jobs must be"):
+        plan_slots(0, cores=[0], gpus=0)
+
+
+def test_run_cells_keeps_n_running_never_shares_a_slot_and_stops_starting_after_a_failure():
+    import threading
+    import time
+
+    from osteolib.config import Execution
+    from osteolib.runner import Slot, run_cells
+
+    executions = [Execution("04_finetune", f"cell{k}", {"seed": k}) for k in range(6)]
+    slots = [Slot((0,)), Slot((1,))]
+    lock, busy, peak, started = threading.Lock(), set(), [0], []
+
+    def fake(execution, slot):
+        with lock:
+            assert slot not in busy, "two jobs on one slot"
+            busy.add(slot)
+            started.append(execution.name)
+            peak[0] = max(peak[0], len(busy))
+        time.sleep(0.05 if execution.name != "cell0" else 0.15)
+        with lock:
+            busy.discard(slot)
+        if execution.name == "cell2":
+            raise RunFailed("notebook cell2 failed in cell 3: boom")
+
+    done = []
+    with pytest.raises(RunFailed, match="cell2 failed in cell 3"):
+        run_cells(executions, slots, fake, lambda e, r: done.append(r))
+    assert peak[0] == 2
+    # cell2 failed while cell0 was still running: cell0 finished, nothing after cell2 started
+    assert started == ["cell0", "cell1", "cell2"]
+    assert {r["name"]: r["status"] for r in done} == {"cell0": "ok", "cell1": "ok", "cell2": "failed"}
+    records = run_cells(executions[:3], slots, lambda e, s: None)
+    assert [r["name"] for r in records] == ["cell0", "cell1", "cell2"]  # in the given order
+    assert all(r["status"] == "ok" and len(r["cores"]) == 1 for r in records)
+
+
+def test_run_profile_with_jobs_runs_steps_in_order_and_collects_after_all_cells(tmp_path, monkeypatch):
+    import osteolib.runner as runner
+
+    events = []
+    monkeypatch.setattr(runner, "check_kernel", lambda: None)
+    monkeypatch.setattr(runner.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(runner, "execute_pinned", lambda e, run, slot: events.append((e.notebook, e.name, slot)))
+    monkeypatch.setattr(runner, "execute", lambda *a, **k: pytest.fail("--jobs 2 must not run the sequential path"))
+    monkeypatch.setitem(runner.AFTER_STEP, "results_tables", lambda run: events.append(("after", len(events))))
+    profile = load_profile("smoke")
+    expected = [e.name for e in select(profile, start="03")]
+    run = run_profile(profile, start="03", parent=tmp_path, runs_dir=tmp_path / "runs", log_output=False, jobs=2)
+    names = [e[1] for e in events if e[0] != "after"]
+    assert sorted(names) == sorted(expected)
+    # steps in order: every 03 cell before any 04 cell, the collection after all 04 cells and before 05
+    notebooks = [e[0] for e in events]
+    assert notebooks.index("04_finetune") > max(i for i, n in enumerate(notebooks) if n == "03_rotation_proxy")
+    after_at = notebooks.index("after")
+    assert all(n != "04_finetune" for n in notebooks[after_at:]) and notebooks[-1] == "05_gradcam_statistics"
+    assert {e[2].cores for e in events if e[0] != "after"} == {(0, 1), (2, 3)}
+    info = json.loads((run.path / "run.json").read_text())
+    assert info["status"] == "complete"
+    assert [r["name"] for r in info["executions"]] == expected and all(r["status"] == "ok" for r in info["executions"])
+
+
+def test_jobs_1_is_the_sequential_path_and_cell_runs_one_execution_without_the_collection(tmp_path, monkeypatch):
+    import osteolib.runner as runner
+
+    ran, collected = [], []
+    monkeypatch.setattr(runner, "check_kernel", lambda: None)
+    monkeypatch.setattr(runner, "execute_pinned", lambda *a: pytest.fail("--jobs 1 must not start child processes"))
+    monkeypatch.setattr(runner, "execute", lambda e, run, log_output=True: ran.append(e.name))
+    monkeypatch.setitem(runner.AFTER_STEP, "results_tables", lambda run: collected.append(run))
+    profile = load_profile("smoke")
+    grid = [e.name for e in select(profile, only=["04"])]
+    run_profile(profile, only=["04"], parent=tmp_path, runs_dir=tmp_path / "runs", log_output=False)
+    assert ran == grid and len(collected) == 1
+    ran.clear()
+    run = run_profile(profile, only=["04"], cell=3, parent=tmp_path, runs_dir=tmp_path / "runs", log_output=False)
+    assert ran == [grid[3]] and len(collected) == 1  # one cell: no results table from a partial grid
+    assert json.loads((run.path / "run.json").read_text())["cell"] == 3
+    with pytest.raises(ProfileError, match="--cell 8 is out of range.*8 execution"):
+        select(profile, only=["04"], cell=8)
