@@ -18,7 +18,11 @@ def write_profile(tmp_path, body: str):
 
 
 def test_every_shipped_profile_matches_its_notebooks():
-    for name in ("smoke", "real"):
+    from osteolib.config import PROFILES_DIR
+
+    names = sorted(path.stem for path in PROFILES_DIR.glob("*.yaml"))
+    assert {"smoke", "real", "paper", "label_efficiency"} <= set(names)
+    for name in names:
         profile = load_profile(name)
         check_profile(profile)  # raises on a parameter a notebook does not declare
         assert profile.executions(), name
