@@ -479,3 +479,109 @@ def test_overlay_draws_image_map_region_and_boxes():
     assert len(ax.patches) == 1 and ax.texts[0].get_text() == "Pneumonia"
     assert len(ax.collections) >= 1  # the region's contour
     plt.close(ax.figure)
+
+
+# ------------------------------------------------------------------------- the checks of notebook 05
+
+def blob_batch() -> tuple[torch.Tensor, np.ndarray]:
+    images = torch.cat([blob_image(12, 40), blob_image(50, 10), blob_image(30, 30)])
+    yy, xx = np.mgrid[:IMG, :IMG]
+    regions = np.stack([(yy - r) ** 2 + (xx - c) ** 2 <= 16 for r, c in [(12, 40), (50, 10), (30, 30)]])
+    return images, regions
+
+
+def test_randomisation_check_steps_maps_and_similarity():
+    model = TinyCNN()
+    images, regions = blob_batch()
+    result = E.randomisation_check(model, images, regions, targets=1, steps=[1, 2], layers=lambda m: [m.act])
+    table = result.table
+    assert list(table["units_randomised"]) == [0, 1, 2] and result.maps.shape == (3, 3, IMG, IMG)
+    assert table["down_to"].tolist()[1:] == ["fc", "conv"]
+    assert table["spearman_median"].iloc[0] == pytest.approx(1.0) and table["ssim_median"].iloc[0] == pytest.approx(1.0)
+    # the trained model's map is the blob itself: it agrees with the region almost perfectly
+    assert table["region_auc_mean"].iloc[0] > 0.95 and table["pointing_game_mean"].iloc[0] == 1.0
+    assert not np.allclose(result.maps[2], result.maps[0])
+    assert (result.similarity.groupby("step").size() == 3).all() and table["flat_maps"].iloc[0] == 0
+    assert torch.equal(model.conv.weight[0, 0, 1, 1], torch.tensor(1.0))  # the model itself is untouched
+    with pytest.raises(ValueError, match="steps must be unit counts"):
+        E.randomisation_check(model, images, regions, steps=[5], layers=lambda m: [m.act])
+    with pytest.raises(ValueError, match="empty"):
+        E.randomisation_check(model, images, np.zeros_like(regions), layers=lambda m: [m.act])
+
+
+def test_cascade_steps_are_log_spaced_over_the_units(densenet_binary):
+    steps = E.cascade_steps(densenet_binary, 5)
+    assert steps[0] == 1 and steps[-1] == len(E.cascade_units(densenet_binary)) and steps == sorted(set(steps))
+
+
+def test_randomisation_verdict_follows_the_numbers():
+    def table(spearman, auc_after):
+        return pd.DataFrame({"units_randomised": [0, 10], "spearman_median": [1.0, spearman], "ssim_median": [1.0, 0.2],
+                             "region_auc_mean": [0.8, auc_after], "flat_maps": [0, 0]})
+
+    assert "check passed" in E.randomisation_verdict(table(0.1, 0.5))
+    flat = E.randomisation_verdict(table(math.nan, 0.5).assign(flat_maps=[0, 3]))
+    assert "check passed" in flat and "flat" in flat  # blank maps have changed completely
+    assert "did not pass" in E.randomisation_verdict(table(0.9, 0.5))  # maps survive randomisation
+    assert "did not pass" in E.randomisation_verdict(table(0.1, 0.9))  # agreement does not drop
+    with pytest.raises(ValueError, match="randomisation_check's table"):
+        E.randomisation_verdict(table(0.1, 0.5).iloc[1:])
+
+
+def test_faithfulness_table_ranks_the_true_map_above_random():
+    model = TinyCNN()
+    with torch.no_grad():
+        model.fc.weight[0, 0] = 300.0  # the blob moves the probability: logit about 3.7 with it, 0.2 without
+    images, _ = blob_batch()
+    table = E.faithfulness_table(model, images, ["gradcam"], targets=1, layers=[model.act], backbone="tiny")
+    assert set(table["method"]) == {"gradcam", "random map"} and len(table) == 6 and (table["backbone"] == "tiny").all()
+    means = table.groupby("method")["road"].mean()
+    assert means["gradcam"] > means["random map"] + 0.05
+    fig = E.faithfulness_figure(table)
+    assert len(fig.axes[0].patches) == 2
+    with pytest.raises(ValueError, match="unknown CAM method"):
+        E.faithfulness_table(model, images, ["saliency"])
+
+
+def agreement_rows(shift: float, n: int = 12, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    base = rng.uniform(0.2, 0.6, n)  # how easy each image is, shared by both scenarios
+    rows = []
+    for scenario, delta in (("random", 0.0), ("chest_mae", shift)):
+        for i in range(n):
+            rows.append({"image_id": f"img{i}", "has_region": True, "note": "", "scenario": scenario,
+                         "backbone": "densenet121", "method": "gradcam",
+                         "energy_in_region": base[i] + delta + 0.01 * rng.standard_normal(),
+                         "pointing_game": float(i % 2), "iou_otsu": 0.3})
+    return pd.DataFrame(rows)
+
+
+def test_agreement_ci_intervals_cover_the_mean():
+    table = agreement_rows(0.2)
+    ci = E.agreement_ci(table, n_boot=500)
+    assert len(ci) == 2 * 3 and (ci["n"] == 12).all()
+    assert ((ci["ci_low"] <= ci["mean"]) & (ci["mean"] <= ci["ci_high"])).all()
+    hit = ci[(ci["measure"] == "pointing_game") & (ci["scenario"] == "random")].iloc[0]
+    assert hit["mean"] == pytest.approx(0.5) and hit["ci_high"] - hit["ci_low"] > 0.2
+    constant = ci[ci["measure"] == "iou_otsu"]
+    assert (constant["ci_low"] == constant["ci_high"]).all()
+    single = E.agreement_ci(table.iloc[[0]], n_boot=500)
+    assert single["ci_low"].isna().all() and single["n"].eq(1).all()
+    wide = E.agreement_ci_wide(ci)
+    assert len(wide) == 2 and wide["energy_in_region"].str.match(r"0\.\d{3} \[0\.\d{3}, 0\.\d{3}\]").all()
+    with pytest.raises(ValueError, match="lacks columns"):
+        E.agreement_ci(table.drop(columns="note"))
+
+
+def test_compare_agreement_finds_a_real_shift_and_holm_corrects():
+    result = E.compare_agreement(agreement_rows(0.2), measures=("energy_in_region", "iou_otsu"))
+    energy = result[result["measure"] == "energy_in_region"].iloc[0]
+    assert energy["estimate"] == pytest.approx(0.2, abs=0.02) and bool(energy["significant"])
+    assert energy["p_holm"] >= energy["p_value"]
+    constant = result[result["measure"] == "iou_otsu"].iloc[0]
+    assert constant["note"] and np.isnan(constant["p_holm"])  # a constant measure cannot be modelled: kept, noted
+    assert (result["family_size"] == 1).all()
+    null = E.compare_agreement(agreement_rows(0.0, seed=1), measures=("energy_in_region",))
+    assert not null["significant"].any()
+    with pytest.raises(ValueError, match="two scenarios"):
+        E.compare_agreement(agreement_rows(0.2).query("scenario == 'random'"))
