@@ -215,7 +215,8 @@ def test_run_profile_with_jobs_runs_steps_in_order_and_collects_after_all_cells(
     notebooks = [e[0] for e in events]
     assert notebooks.index("04_finetune") > max(i for i, n in enumerate(notebooks) if n == "03_rotation_proxy")
     after_at = notebooks.index("after")
-    assert all(n != "04_finetune" for n in notebooks[after_at:]) and notebooks[-1] == "05_gradcam_statistics"
+    assert all(n != "04_finetune" for n in notebooks[after_at:]) and notebooks[after_at + 1] == "05_gradcam_statistics"
+    assert notebooks[-1] == profile.notebooks[-1]
     assert {e[2].cores for e in events if e[0] != "after"} == {(0, 1), (2, 3)}
     info = json.loads((run.path / "run.json").read_text())
     assert info["status"] == "complete"
