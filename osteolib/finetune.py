@@ -454,6 +454,9 @@ def build_model(config: FinetuneConfig, run: Run, num_classes: int = 2) -> tuple
                 f"leave patch_size=None to take the checkpoint's")
         kwargs["patch_size"] = config.patch_size or saved_patch or 16
         kwargs["drop_path_rate"] = float(config.drop_path)
+    # torch seeds its generator randomly at start-up, so an unseeded build gives every process another
+    # initialisation (a random-init model, and a pretrained encoder's new head): seed the build itself.
+    torch.manual_seed(config.seed)
     model = models.create_backbone(config.backbone, num_classes=num_classes, img_size=config.image_size, **kwargs)
     report = None
     if checkpoint is not None:

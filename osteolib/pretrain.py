@@ -117,7 +117,12 @@ def find_checkpoint(run: Run, scenario: str, backbone: str) -> Path:
 
 
 def build_model(config: PretrainConfig) -> nn.Module:
-    """The pretraining model of a stage, freshly initialised."""
+    """The pretraining model of a stage, freshly initialised from ``config.seed``.
+
+    Seeded here because torch seeds its generator randomly at start-up: without it every process would start
+    from another initialisation, and a rerun of the same configuration would not reproduce the run.
+    """
+    torch.manual_seed(config.seed)
     if config.objective == "rotation":
         kwargs = {"patch_size": config.patch_size} if config.backbone == "vit_small" else {}
         return models.RotationClassifier(config.backbone, img_size=config.image_size, **kwargs)

@@ -196,6 +196,24 @@ def test_layer_decay_counts_dense_blocks_and_vit_blocks(tmp_path):
         use_stage_layer_decay(torch.nn.Linear(2, 2))
 
 
+def _weights(model) -> torch.Tensor:
+    return torch.cat([t.detach().flatten().float() for t in model.state_dict().values()])
+
+
+def test_the_initialisation_is_a_function_of_the_seed_not_of_the_generator_state(tmp_path):
+    """torch starts every process from another generator seed: the build must not depend on it (it did: two
+    runs of one configuration in two processes started from different weights and ended apart)."""
+    run = Run(tmp_path / "run")
+    torch.manual_seed(123)
+    first, _ = build_model(config(seed=4), run)
+    torch.manual_seed(456)
+    torch.rand(10)
+    again, _ = build_model(config(seed=4), run)
+    other, _ = build_model(config(seed=5), run)
+    assert torch.equal(_weights(first), _weights(again))
+    assert not torch.equal(_weights(first), _weights(other))
+
+
 # --- bad inputs fail before training --------------------------------------------------------------
 
 

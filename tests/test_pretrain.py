@@ -76,6 +76,20 @@ def test_a_second_stage_without_its_chest_checkpoint_names_the_notebook(data, tm
         pretrain.pretrain(run, stage("chest_mae+rotation", "densenet121"), target, cache, 0.5, 0.25, quiet=True)
 
 
+@pytest.mark.parametrize("scenario", ["chest_mae", "chest_mae+rotation"])
+def test_a_stage_model_is_built_from_its_seed_whatever_the_generator_state(scenario):
+    def weights(model):
+        return torch.cat([t.detach().flatten().float() for t in model.state_dict().values()])
+
+    torch.manual_seed(1)
+    first = pretrain.build_model(stage(scenario, "vit_small"))
+    torch.manual_seed(2)
+    again = pretrain.build_model(stage(scenario, "vit_small"))
+    other = pretrain.build_model(stage(scenario, "vit_small", seed=1))
+    assert torch.equal(weights(first), weights(again))
+    assert not torch.equal(weights(first), weights(other))
+
+
 def test_config_refuses_what_the_study_does_not_define():
     with pytest.raises(ValueError, match="not a pretraining scenario"):
         pretrain.PretrainConfig("random", "vit_small")
