@@ -72,6 +72,8 @@ class ConfounderCheckConfig:
     backbone: str = "densenet121"
     seed: int = 0
     data_seed: int = 0
+    crop_scale: tuple[float, float] = (0.5, 1.0)  # the fine-tuning crop's area range
+    hflip: bool = True
     cam_method: str = "gradcam"
     n_cam_images: int = 32
     data_dir: str | None = None  # where the synthetic data sets and caches go; None: the project's data/ folders
@@ -95,7 +97,8 @@ class ConfounderCheckConfig:
         return finetune.FinetuneConfig(scenario="random", backbone=self.backbone, image_size=self.image_size,
                                        epochs=self.epochs, batch_size=self.batch_size, base_lr=self.base_lr,
                                        warmup_epochs=self.warmup_epochs, layer_decay=None, randaug_magnitude=None,
-                                       drop_path=0.0, seed=self.seed)
+                                       drop_path=0.0, seed=self.seed, crop_scale=tuple(self.crop_scale),
+                                       hflip=self.hflip)
 
     def data_parameters(self, strength: float) -> dict[str, Any]:
         """The synthetic generator's parameters for confounder strength ``strength``."""

@@ -692,6 +692,8 @@ def _write_summary(result: FinetuneResult, inputs: FinetuneInputs) -> None:
         "init_report": result.load_report.summary() if result.load_report is not None else None,
         "drop_path_applied": result.config.drop_path if result.config.is_vit else 0.0,
         "precision": result.precision, "train_images_per_s": result.train_images_per_s,
+        # CPU results are bit-reproducible for a fixed seed *and* thread count (reductions split by thread)
+        "torch_threads": torch.get_num_threads(),
         "seconds": result.seconds, "predictions": str(result.predictions_path),
         "training_folder": str(result.out_dir),
     }

@@ -324,6 +324,7 @@ def test_finetune_selects_on_validation_and_reads_test_once_at_the_end(tmp_path,
     summary = json.loads(result.summary_path.read_text())
     assert summary["selection"]["split"] == summary["threshold"]["split"] == "val"
     assert summary["counts"]["test"] == {"normal": 4, "osteoporosis": 4}
+    assert summary["torch_threads"] == torch.get_num_threads() == 1  # results depend on it: recorded
     assert (run.checkpoints / "finetune" / result.name / "best.pt").is_file()
 
     # the explanation stage rebuilds exactly the selected model from the run folder
