@@ -6,6 +6,7 @@
     osteo run --profile smoke --only 00_data_audit
     osteo run --profile smoke --jobs 2        # the grid cells of each step two at a time
     osteo run --profile real --only 04 --cell 3 --parent runs/<run>   # exactly one grid cell (Slurm arrays)
+    osteo collect --profile real runs/cells/*   # the cells' run folders gathered into one, tables written
     osteo list                                # profiles and their executions
 
 Each executed notebook (with its outputs) lands in ``<run>/notebooks/``; a failure stops the sequence with a message
@@ -18,7 +19,11 @@ pinned to its share of this process's cores (``sched_setaffinity``, with ``OMP_N
 = cores per job) and, when GPUs exist, to one GPU (``CUDA_VISIBLE_DEVICES``; at most one job per GPU). A job's
 cell output goes to ``<run>/logs/<execution>.log``. When a cell fails, the running cells finish, no new one
 starts, and the error names every failed notebook with its kept executed copy. ``--jobs 1`` (the default) is
-the sequential loop, unchanged.
+the sequential loop, unchanged. A cell's numbers depend on its seed and on its thread count (CPU reductions are
+split by thread): ``--jobs 2`` on two cores reproduces ``--jobs 1`` on one core bit for bit.
+
+Scheduler arrays: ``--cell K`` runs one cell into its own run folder; ``osteo collect`` gathers such folders into
+one (:func:`osteolib.runs.gather_runs`) and runs the step's ``after`` collection.
 """
 from __future__ import annotations
 
@@ -316,6 +321,29 @@ def _run_steps_parallel(profile: Profile, executions: list[Execution], run: runs
     print(f"osteo: complete in {time.perf_counter() - started:.0f} s -> {run.path}", flush=True)
 
 
+def collect_cells(sources: Sequence[str | Path], profile: Profile | str, parent: str | Path | None = None,
+                  runs_dir: str | Path | None = None) -> runs.Run:
+    """Gather the run folders of single grid cells (``osteo run --cell K``, e.g. a Slurm array's tasks) into one new
+    run folder and run the ``after`` collection of their step, as a ``--jobs`` run would have; the later steps
+    then continue from it (``osteo run --from 05 --parent <that folder>``)."""
+    profile = load_profile(profile) if isinstance(profile, (str, Path)) else profile
+    others = {str(s): runs.Run(Path(s)).info().get("profile") for s in sources}
+    wrong = {s: p for s, p in others.items() if p is not None and p != profile.name}
+    if wrong:
+        raise ProfileError(f"osteo collect --profile {profile.name}: these cells ran another profile: {wrong}")
+    try:
+        run = runs.gather_runs(list(sources), profile.name, root=runs_dir, parent=parent)
+    except ValueError as err:
+        raise ProfileError(str(err)) from None
+    notebooks = {e["notebook"] for e in run.info().get("executions", [])}
+    for step in profile.steps:
+        if step.notebook in notebooks and step.after:
+            AFTER_STEP[step.after](run)
+    print(f"osteo: {len(sources)} cell run(s) gathered into {run.path}; continue with "
+          f"`osteo run --profile {profile.name} --from <next step> --parent {run.path}`", flush=True)
+    return run
+
+
 def latest_run(profile: str, runs_dir: str | Path | None = None) -> Path:
     root = Path(runs_dir) if runs_dir else runs.runs_root()
     candidates = sorted(p for p in root.glob(f"*-{profile}*") if (p / "run.json").is_file()) if root.is_dir() else []
@@ -358,6 +386,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     list_p = sub.add_parser("list", help="list the profiles and their executions")
     list_p.add_argument("--profile", "-p")
     list_p.add_argument("--only", nargs="+", help="number the executions of these notebooks (for --cell)")
+    collect_p = sub.add_parser("collect", help="gather the run folders of single grid cells (--cell) into one")
+    collect_p.add_argument("cells", nargs="+", help="the cells' run folders")
+    collect_p.add_argument("--profile", "-p", default="smoke", help="the profile the cells ran")
+    collect_p.add_argument("--parent", help="the run with the earlier stages (default: the cells' common parent)")
+    collect_p.add_argument("--runs-dir", help="where the new run folder goes (default: runs/ in the repository)")
     one_p = sub.add_parser("execute-one", help=argparse.SUPPRESS)  # a --jobs child: one notebook into a run
     one_p.add_argument("--run-dir", required=True)
     one_p.add_argument("--execution", required=True, help="JSON: notebook, name, parameters")
@@ -384,6 +417,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 # the parent's error message, whole (it names the cell and the kept executed copy)
                 (run.dir("logs") / f"{spec['name']}.error").write_text(str(err))
                 raise
+            return 0
+        if args.command == "collect":
+            collect_cells(args.cells, args.profile, parent=args.parent, runs_dir=args.runs_dir)
             return 0
         overrides = _parse_overrides(args.set)
         if args.data_root:

@@ -12,6 +12,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -132,6 +133,62 @@ def new_run(profile: str, root: str | os.PathLike | None = None, parent: str | o
     run.update_info(profile=profile, created=_dt.datetime.now().isoformat(timespec="seconds"),
                     parent=str(Path(parent).resolve()) if parent else None, environment=environment_info(), **info)
     return run
+
+
+def gather_runs(sources: list[str | os.PathLike], profile: str, root: str | os.PathLike | None = None,
+                parent: str | os.PathLike | None = None) -> Run:
+    """A new run folder holding the outputs of several complete runs of single grid cells.
+
+    A scheduler array (``osteo run --cell K``, one task per cell) leaves one run folder per cell; the collection
+    steps (results tables, notebook 05) need them in one. Every file of every source is hard-linked (copied
+    across file systems) to the same place in the new folder, whose parent is the cells' common parent (the
+    run with the earlier stages). Refused, before anything is linked, when a source is not a complete run, when
+    the sources have different parents, or when two sources hold the same file with different contents.
+    """
+    folders = list(dict.fromkeys(Path(s).resolve() for s in sources))  # a folder named twice counts once
+    if not folders:
+        raise ValueError("gather_runs: no cell run folders given")
+    problems, parents = [], set()
+    for folder in folders:
+        info = Run(folder).info()
+        if not info:
+            problems.append(f"{folder}: not a run folder (no run.json)")
+        elif info.get("status") != "complete":
+            problems.append(f"{folder}: status {info.get('status')!r}, not 'complete' (rerun that cell first)")
+        else:
+            parents.add(info.get("parent"))
+    if problems:
+        raise ValueError("gather_runs: cannot gather these runs:\n  " + "\n  ".join(problems))
+    if parent is None and len(parents) > 1:
+        raise ValueError(f"gather_runs: the cells have different parents {sorted(map(str, parents))}: gather the "
+                         f"cells of one parent run at a time, or name the parent with parent=/--parent")
+    parent = parent if parent is not None else parents.pop()
+    owner: dict[Path, Path] = {}  # relative path -> the source file it comes from
+    for folder in folders:
+        for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "run.json"):
+            relative = file.relative_to(folder)
+            first = owner.setdefault(relative, file)
+            if first != file and not _same_bytes(first, file):
+                raise ValueError(f"gather_runs: {relative} differs between {first.parent} and {file.parent}: "
+                                 f"the same output from two cells (was one cell run twice?)")
+    run = new_run(profile, root=root, parent=parent, partial=True, status="running",
+                  gathered_from=[str(f) for f in folders])
+    for relative, file in owner.items():
+        target = run.path / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(file, target)
+        except OSError:  # another file system (or no hard links): a copy
+            shutil.copy2(file, target)
+    executions = [e for f in folders for e in Run(f).info().get("executions", [])]
+    run.update_info(executions=executions, status="complete")
+    return run
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    import filecmp
+
+    return filecmp.cmp(a, b, shallow=False)
 
 
 def open_run(run_dir: str | os.PathLike | None = None, profile: str = "interactive", create: bool = False) -> Run:

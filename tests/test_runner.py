@@ -241,3 +241,47 @@ def test_jobs_1_is_the_sequential_path_and_cell_runs_one_execution_without_the_c
     assert json.loads((run.path / "run.json").read_text())["cell"] == 3
     with pytest.raises(ProfileError, match="--cell 8 is out of range.*8 execution"):
         select(profile, only=["04"], cell=8)
+
+
+def test_collect_gathers_cell_runs_into_one_folder_and_runs_the_step_collection(tmp_path, monkeypatch):
+    import osteolib.runner as runner
+
+    collected = []
+    monkeypatch.setattr(runner, "check_kernel", lambda: None)
+
+    def fake_execute(execution, run, log_output=True):  # what a 04 cell leaves: predictions, summary, checkpoint
+        (run.predictions / f"{execution.name}.csv").write_text(execution.name)
+        (run.dir("logs") / f"{execution.name}-summary.json").write_text("{}")
+        (run.dir(f"checkpoints/finetune/{execution.name}") / "best.pt").write_bytes(b"weights")
+
+    monkeypatch.setattr(runner, "execute", fake_execute)
+    monkeypatch.setitem(runner.AFTER_STEP, "results_tables", lambda run: collected.append(run.path))
+    profile = load_profile("smoke")
+    grid = [e.name for e in select(profile, only=["04"])]
+    base = runs.new_run("smoke", root=tmp_path / "runs")
+    cells = [run_profile(profile, only=["04"], cell=k, parent=base.path, runs_dir=tmp_path / "cells",
+                         log_output=False).path for k in range(len(grid))]
+    assert not collected  # a single cell never writes the tables
+
+    gathered = runner.collect_cells(cells, "smoke", runs_dir=tmp_path / "runs")
+    assert collected == [gathered.path]  # the step's `after` ran once, on the gathered folder
+    info = gathered.info()
+    assert info["parent"] == str(base.path) and info["status"] == "complete"
+    assert [e["name"] for e in info["executions"]] == grid
+    assert sorted(p.stem for p in gathered.predictions.glob("*.csv")) == sorted(grid)
+    linked = gathered.path / "checkpoints" / "finetune" / grid[0] / "best.pt"
+    assert linked.samefile(cells[0] / "checkpoints" / "finetune" / grid[0] / "best.pt")  # a link, not a copy
+
+    # the same output from two cells with different contents is refused before anything is written
+    (cells[1] / "predictions" / f"{grid[0]}.csv").write_text("another result")
+    before = sorted((tmp_path / "runs").iterdir())
+    with pytest.raises(ProfileError, match=f"predictions/{grid[0]}.csv differs between"):
+        runner.collect_cells(cells[:2], "smoke", runs_dir=tmp_path / "runs")
+    assert sorted((tmp_path / "runs").iterdir()) == before
+    # an unfinished cell is named, not skipped
+    runs.Run(cells[2]).update_info(status="running")
+    assert main(["collect", "--profile", "smoke", "--runs-dir", str(tmp_path / "runs"), *map(str, cells[2:])]) == 1
+    with pytest.raises(ProfileError, match=f"{cells[2].name}: status 'running'"):
+        runner.collect_cells(cells[2:], "smoke", runs_dir=tmp_path / "runs")
+    with pytest.raises(ProfileError, match="ran another profile"):
+        runner.collect_cells(cells[3:], "real", runs_dir=tmp_path / "runs")
