@@ -190,19 +190,30 @@ def pretrain(run: Run, config: PretrainConfig, manifest: pd.DataFrame, cache: An
 
 def reconstruction_figure(model: nn.Module, images: torch.Tensor, mean: float, std: float, seed: int = 0,
                           mask_weights: torch.Tensor | None = None):
-    """Rows of original / masked / reconstruction (visible patches pasted back) for a few images."""
+    """Rows of original / masked / reconstruction / the model's own prediction for a few images.
+
+    With per-patch normalised targets the model predicts each hidden patch's structure, not its brightness: the
+    reconstruction column borrows each hidden patch's true mean and std (the MAE paper's display), so its coarse
+    shading is not the model's; the last column shows the prediction alone (standardised values, hidden patches).
+    """
     import matplotlib.pyplot as plt
 
     generator = torch.Generator().manual_seed(seed)
     panels = model.reconstruct(images, mask_weights=mask_weights, generator=generator)
-    titles = ("original", "masked (model input)", "reconstruction")
-    keys = ("original", "masked", "pasted")
+    normalised = bool(getattr(model, "norm_pix_loss", False))
+    titles = ("original", "masked (model input)",
+              "reconstruction\n(hidden patches' true mean/std)" if normalised else "reconstruction",
+              "model's prediction alone\n(per-patch standardised)" if normalised else "model's prediction alone")
+    keys = ("original", "masked", "pasted", "prediction")
     n = images.shape[0]
-    fig, axes = plt.subplots(n, 3, figsize=(6.0, 2.0 * n), squeeze=False)
+    fig, axes = plt.subplots(n, 4, figsize=(8.0, 2.0 * n), squeeze=False)
     for i in range(n):
         for j, key in enumerate(keys):
-            picture = (panels[key][i, 0].float() * std + mean).clamp(0, 1).numpy()
-            axes[i, j].imshow(picture, cmap="gray", vmin=0, vmax=1)
+            values = panels[key][i, 0].float()
+            if key == "prediction" and normalised:
+                axes[i, j].imshow(values.numpy(), cmap="gray", vmin=-2.5, vmax=2.5)
+            else:
+                axes[i, j].imshow((values * std + mean).clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
             axes[i, j].set_axis_off()
             if i == 0:
                 axes[i, j].set_title(titles[j], fontsize=8)

@@ -190,14 +190,23 @@ def test_mae_reconstruct_pastes_visible_patches_and_restores_mode():
     x = images()
     panels = model.reconstruct(x, mask_ratio=0.75, generator=torch.Generator().manual_seed(3))
     assert model.training
-    assert set(panels) == {"original", "masked", "reconstruction", "pasted", "mask", "loss"}
-    for name in ("original", "masked", "reconstruction", "pasted", "mask"):
+    assert set(panels) == {"original", "masked", "reconstruction", "pasted", "prediction", "mask", "loss"}
+    for name in ("original", "masked", "reconstruction", "pasted", "prediction", "mask"):
         assert panels[name].shape == (2, 1, IMG, IMG)
     visible = panels["mask"] == 0
     assert torch.equal(panels["pasted"][visible], x[visible])
     assert torch.all(panels["masked"][~visible] == 0)
     assert panels["mask"].mean().item() == pytest.approx(0.75)
     assert not torch.equal(panels["pasted"][~visible], x[~visible])
+
+    # the model's own prediction takes nothing from the hidden original (the pasted display borrows its
+    # per-patch mean and std): brightening the hidden patches changes the display, not the prediction
+    assert model.norm_pix_loss and torch.all(panels["prediction"][visible] == 0)
+    brighter = x + 3.0 * panels["mask"]
+    again = model.reconstruct(brighter, mask_ratio=0.75, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(again["mask"], panels["mask"])
+    assert torch.allclose(again["prediction"], panels["prediction"], atol=1e-5)
+    assert not torch.allclose(again["pasted"][~visible], panels["pasted"][~visible])
 
 
 def test_mae_runs_under_bf16_autocast_with_a_float32_loss():

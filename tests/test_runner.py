@@ -285,3 +285,15 @@ def test_collect_gathers_cell_runs_into_one_folder_and_runs_the_step_collection(
         runner.collect_cells(cells[2:], "smoke", runs_dir=tmp_path / "runs")
     with pytest.raises(ProfileError, match="ran another profile"):
         runner.collect_cells(cells[3:], "real", runs_dir=tmp_path / "runs")
+
+
+def test_notebook_markdown_is_markdown_not_commented_python():
+    """A markdown cell whose lines all start with '# ' renders every line as a heading (a jupytext slip)."""
+    from osteolib.config import NOTEBOOKS_DIR
+
+    for path in sorted(NOTEBOOKS_DIR.glob("*.ipynb")):
+        for k, cell in enumerate(json.loads(path.read_text())["cells"]):
+            if cell["cell_type"] == "markdown":
+                lines = "".join(cell["source"]).split("\n")
+                bad = [line for line in lines if line == "#" or line.startswith("# #")]
+                assert not bad, f"{path.name} cell {k}: {bad[:2]}"

@@ -194,23 +194,28 @@ def reconstruction_panels(
     ``original``; ``masked`` (hidden patches set to ``fill``); ``reconstruction`` (every patch as
     predicted); ``pasted`` (visible patches from the original, hidden ones predicted); ``mask``
     (B, 1, H, W), 1 where hidden. With normalised targets the prediction is mapped back with each
-    original patch's own mean and std (the model never predicts those; this is for display only).
+    original patch's own mean and std (the model never predicts those; this is for display only), so
+    ``pasted``'s coarse brightness comes from the hidden patches themselves; ``prediction`` is the model's
+    own output on the hidden patches alone (standardised per patch with normalised targets, visible
+    patches 0): what the model has learnt, with nothing taken from the hidden original.
     """
     imgs = imgs.float()
     channels, height, width = imgs.shape[1:]
     grid = (height // patch_size, width // patch_size)
     target = patchify(imgs, patch_size)
     pred = pred.float()
+    hidden = mask[..., None].float()
+    own = unpatchify(pred * hidden, patch_size, grid, channels)
     if norm_pix_loss:
         _, mean, std = normalise_patches(target)
         pred = pred * std + mean
-    hidden = mask[..., None].float()
     mask_img = unpatchify(hidden.expand(-1, -1, patch_size * patch_size), patch_size, grid, 1)
     return {
         "original": imgs,
         "masked": unpatchify(target * (1 - hidden) + fill * hidden, patch_size, grid, channels),
         "reconstruction": unpatchify(pred, patch_size, grid, channels),
         "pasted": unpatchify(target * (1 - hidden) + pred * hidden, patch_size, grid, channels),
+        "prediction": own,
         "mask": mask_img,
     }
 
