@@ -60,6 +60,32 @@ def test_a_changed_recipe_is_not_mixed_with_an_old_sub_run(tiny_check):
         checks.train_or_load(run, changed, 0.0)
 
 
+@pytest.mark.slow
+def test_maps_explain_each_image_predicted_class_unless_told_the_positive_class(tiny_check, monkeypatch):
+    import dataclasses
+
+    from osteolib import explain
+
+    # the tiny model's 32-px DenseNet has a 1 x 1 last feature map, so its maps cannot tell targets apart:
+    # record what the check asks grad-cam for (explain's tests cover how None becomes the predicted class)
+    _, result = tiny_check
+    asked = []
+    real_compute_cams = explain.compute_cams
+
+    def recording_compute_cams(model, images, method, targets=None, **kwargs):
+        asked.append(targets)
+        return real_compute_cams(model, images, method, targets=targets, **kwargs)
+
+    monkeypatch.setattr(explain, "compute_cams", recording_compute_cams)
+    item = result.models[0]
+    n = int(result.table["n_explained"].iloc[0])
+    checks.score_model(item, dataclasses.replace(result.config, cam_target="predicted"))
+    checks.score_model(item, dataclasses.replace(result.config, cam_target="positive"))
+    assert asked == [None, [len(item.classes) - 1] * n]
+    with pytest.raises(ValueError, match="cam_target"):
+        dataclasses.replace(result.config, cam_target="true")
+
+
 def table(real_val, real_test, short_val, short_test, real_energy=0.5, short_energy=0.2, shift=0.3):
     return pd.DataFrame([
         {"confounder": 0.0, "val_auc": real_val, "test_auc": real_test, "marker_shift": 0.0,
