@@ -195,17 +195,24 @@ def cam_targets(item: ConfounderModel, config: ConfounderCheckConfig, n: int) ->
     return None if config.cam_target == "predicted" else [len(item.classes) - 1] * n
 
 
+def explained_test_images(item: ConfounderModel, config: ConfounderCheckConfig) -> tuple[list[str], Any, np.ndarray]:
+    """The test images the check explains (the first ``n_cam_images`` with an evidence mask): their ids, the
+    normalised images ``(N, 1, H, W)`` and the masks ``(N, H, W)`` as booleans."""
+    test = item.manifest[item.manifest["split"] == "test"]
+    ids = [i for i in test["image_id"] if item.cache.has_region[item.cache.index[i]]][:config.n_cam_images]
+    images, regions = pretrain.example_images(item.cache, ids, item.mean, item.std, with_regions=True)
+    return ids, images, regions[:, 0].numpy() > 0
+
+
 def score_model(item: ConfounderModel, config: ConfounderCheckConfig) -> tuple[dict[str, Any], pd.DataFrame]:
     """One row of the check's table and the per-image agreement of its maps on the test images."""
     from .evaluate import read_predictions
 
     predictions = read_predictions(item.run.predictions / f"{item.name}.csv")
     positive = item.classes[-1]
-    test = item.manifest[item.manifest["split"] == "test"]
-    ids = [i for i in test["image_id"] if item.cache.has_region[item.cache.index[i]]][:config.n_cam_images]
-    images, regions = pretrain.example_images(item.cache, ids, item.mean, item.std, with_regions=True)
+    ids, images, regions = explained_test_images(item, config)
     cams = explain.compute_cams(item.model, images, config.cam_method, targets=cam_targets(item, config, len(ids)))
-    agreement = explain.agreement_table(cams, regions[:, 0].numpy() > 0, [True] * len(ids), ids,
+    agreement = explain.agreement_table(cams, regions, [True] * len(ids), ids,
                                         confounder=item.strength, method=config.cam_method)
     row: dict[str, Any] = {
         "confounder": item.strength,
