@@ -973,14 +973,16 @@ def randomisation_check(
                                similarity=pd.concat(similarities, ignore_index=True))
 
 
-def randomisation_verdict(table: pd.DataFrame, max_spearman: float = 0.5) -> str:
+def randomisation_verdict(table: pd.DataFrame, max_spearman: float = 0.5, min_trained_auc: float = 0.55) -> str:
     """Whether the randomisation test passed, in one sentence built from its table.
 
     Passed = the maps changed (the lowest median Spearman correlation with the trained model's maps over the
     randomised steps is below ``max_spearman``; a step whose maps are all flat has no ranking, counts as
     changed and is reported) *and* the agreement with the regions did not survive (the region AUC of the
     fully cascaded model is not above the trained model's). Maps that survive randomisation reflect the
-    image or the architecture, not what the model learned.
+    image or the architecture, not what the model learned. When the trained model's region AUC is itself
+    below ``min_trained_auc`` (chance is 0.5) there is no agreement to lose, and the check is reported as
+    uninformative rather than passed.
     """
     needed = ["units_randomised", "spearman_median", "ssim_median", "region_auc_mean", "flat_maps"]
     missing = [c for c in needed if c not in table.columns]
@@ -993,16 +995,26 @@ def randomisation_verdict(table: pd.DataFrame, max_spearman: float = 0.5) -> str
     lowest = float(ranked.min()) if len(ranked) else math.nan
     changed = bool((len(ranked) and lowest < max_spearman) or len(all_flat))
     dropped = bool(not last["region_auc_mean"] > first["region_auc_mean"])
+    informative = bool(first["region_auc_mean"] >= min_trained_auc)
     outcome = "passed" if changed and dropped else "did not pass"
     flat = (f"; from {int(all_flat['units_randomised'].iloc[0])} units on the maps are flat (no ranking left)"
             if len(all_flat) else "")
-    return (
-        f"The randomisation check {outcome}: as the top units are re-initialised the maps' median Spearman "
-        f"correlation with the trained model's falls to {lowest:.2f} ({'below' if changed else 'not below'} "
-        f"{max_spearman}){flat}, and with all {int(last['units_randomised'])} units re-initialised their region AUC "
-        f"is {last['region_auc_mean']:.3f} against {first['region_auc_mean']:.3f} for the trained model "
+    if len(ranked):
+        fall = (f"the maps' median Spearman correlation with the trained model's falls to {lowest:.2f} "
+                f"({'below' if changed else 'not below'} {max_spearman}){flat}")
+    else:  # every randomised step gave flat maps: there is no correlation to report
+        fall = f"the maps lose all structure{flat}"
+    what_happened = (
+        f"as the top units are re-initialised {fall}, and with all "
+        f"{int(last['units_randomised'])} units re-initialised their region AUC is {last['region_auc_mean']:.3f} "
+        f"against {first['region_auc_mean']:.3f} for the trained model "
         f"({'not higher' if dropped else 'higher: agreement survives randomisation'})."
     )
+    if not informative:
+        return (f"The randomisation check is uninformative here: the trained model's maps do not agree with the "
+                f"regions to begin with (region AUC {first['region_auc_mean']:.3f}, below {min_trained_auc}; chance "
+                f"is 0.5), so there is no agreement to destroy. What happened: {what_happened}")
+    return f"The randomisation check {outcome}: {what_happened}"
 
 
 def randomisation_figure(result: RandomisationResult, n_images: int = 3, images: torch.Tensor | np.ndarray | None = None,

@@ -524,6 +524,9 @@ def test_randomisation_verdict_follows_the_numbers():
     assert "check passed" in flat and "flat" in flat  # blank maps have changed completely
     assert "did not pass" in E.randomisation_verdict(table(0.9, 0.5))  # maps survive randomisation
     assert "did not pass" in E.randomisation_verdict(table(0.1, 0.9))  # agreement does not drop
+    chance = E.randomisation_verdict(table(math.nan, 0.5).assign(flat_maps=[0, 3], region_auc_mean=[0.5, 0.5]))
+    assert "uninformative" in chance and "passed" not in chance and "lose all structure" in chance
+    assert "nan" not in chance
     with pytest.raises(ValueError, match="randomisation_check's table"):
         E.randomisation_verdict(table(0.1, 0.5).iloc[1:])
 
