@@ -299,7 +299,7 @@ def confounder_figure(result: ConfounderCheckResult, n_images: int = 4):
 
     from .evaluate import read_predictions
 
-    fig, axes = plt.subplots(len(result.models), n_images, figsize=(2.2 * n_images, 2.6 * len(result.models)),
+    fig, axes = plt.subplots(len(result.models), n_images, figsize=(2.2 * n_images, 2.9 * len(result.models)),
                              squeeze=False)
     for r, item in enumerate(result.models):
         explained = result.agreement.loc[result.agreement["confounder"] == item.strength, "image_id"].tolist()
