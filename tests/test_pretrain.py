@@ -102,3 +102,33 @@ def test_config_refuses_what_the_study_does_not_define():
     config = pretrain.PretrainConfig("chest_mae", "vit_small")
     assert (config.mask_ratio, config.patch_size, config.objective, config.init_scenario) == (0.9, 16, "masked", None)
     assert pretrain.PretrainConfig("chest_mae+rotation", "densenet121").init_scenario == "chest_mae"
+
+
+class _PatchPredictor(torch.nn.Module):
+    """A stand-in masked model: predicts each image's own standardised patches, or one fixed template."""
+
+    patch_size = 8
+    norm_pix_loss = True
+
+    def __init__(self, oracle: bool):
+        super().__init__()
+        self.oracle = oracle
+        self.template = torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(1))
+
+    def forward(self, imgs, generator=None):
+        from osteolib.models.mae import normalise_patches, patchify
+
+        mask = (torch.rand(1, 16, generator=generator) < 0.75).float()
+        pred = normalise_patches(patchify(imgs, 8))[0] if self.oracle else self.template
+        return torch.zeros(()), pred, mask
+
+
+def test_template_check_tells_a_model_that_reads_the_image_from_one_that_predicts_a_template():
+    images = torch.randn(6, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    reads = pretrain.template_check(_PatchPredictor(oracle=True), images)
+    assert reads["own"] == pytest.approx(1.0) and abs(reads["other"]) < 0.2 and reads["images"] == 6
+    template = pretrain.template_check(_PatchPredictor(oracle=False), images)
+    assert template["between_predictions"] == pytest.approx(1.0)
+    assert abs(template["own"] - template["other"]) < 0.1
+    with pytest.raises(ValueError, match="N >= 2"):
+        pretrain.template_check(_PatchPredictor(oracle=True), images[:1])
