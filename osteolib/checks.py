@@ -303,21 +303,20 @@ def confounder_figure(result: ConfounderCheckResult, n_images: int = 4):
                              squeeze=False)
     for r, item in enumerate(result.models):
         explained = result.agreement.loc[result.agreement["confounder"] == item.strength, "image_id"].tolist()
-        has_marker = item.manifest.set_index("image_id").loc[explained, "marker"].astype(bool)
+        by_id = item.manifest.set_index("image_id")
+        has_marker = by_id.loc[explained, "marker"].astype(bool)
         # half with the marker, half without: the marker is what a shortcut model would look at
         with_marker = [i for i in explained if has_marker[i]][:n_images // 2]
         ids = with_marker + [i for i in explained if not has_marker[i]][:n_images - len(with_marker)]
         images, regions = pretrain.example_images(item.cache, ids, item.mean, item.std, with_regions=True)
         cams = explain.compute_cams(item.model, images, result.config.cam_method,
                                     targets=cam_targets(item, result.config, len(ids)))
-        marked = item.manifest.set_index("image_id").loc[ids, "marker"].astype(bool).tolist()
         positive = item.classes[-1]
         probability = read_predictions(item.run.predictions / f"{item.name}.csv").set_index("image_id")[f"prob_{positive}"]
-        label = item.manifest.set_index("image_id")["label"]
         for c, image_id in enumerate(ids):
             explain.overlay(images[c, 0].numpy(), cams[c], region=regions[c, 0].numpy() > 0, ax=axes[r, c],
                             title=(("real signal" if item.strength == 0 else "marker shortcut") if c == 0 else "")
-                            + f"\n{label[image_id]}, {'marker' if marked[c] else 'no marker'}\n"
+                            + f"\n{by_id.at[image_id, 'label']}, {'marker' if has_marker[image_id] else 'no marker'}\n"
                             f"p({positive}) = {probability[image_id]:.2f}")
         for c in range(len(ids), n_images):
             axes[r, c].set_axis_off()
