@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from fastai.callback.core import Callback
 from torch import nn
 
 from . import models
@@ -140,19 +141,29 @@ class PretrainResult:
     fit: FitResult
     checkpoint: Path
     init_report: Any  # models.LoadReport or None
+    template_history: pd.DataFrame | None = None  # template_check per epoch (masked stages given check images)
 
 
 def pretrain(run: Run, config: PretrainConfig, manifest: pd.DataFrame, cache: Any, mean: float, std: float,
-             quiet: bool = False, resume: bool = False) -> PretrainResult:
+             quiet: bool = False, resume: bool = False, check_images: torch.Tensor | None = None,
+             check_every: int = 1) -> PretrainResult:
     """Train one scenario's stage on the manifest's train split (val split for monitoring) and save its checkpoint.
 
     The stage's training files (per-epoch checkpoints, history) go to ``<run>/checkpoints/<scenario>/<backbone>/``;
-    the encoder checkpoint the next stages read to ``<run>/checkpoints/<scenario>/<backbone>.pt``.
+    the encoder checkpoint the next stages read to ``<run>/checkpoints/<scenario>/<backbone>.pt``. With
+    ``check_images`` (held-out images, normalised as in training: :func:`example_images`) a masked stage runs
+    :func:`template_check` every ``check_every`` epochs into ``template_check.csv`` beside the history.
     """
     target = checkpoint_path(run, config.scenario, config.backbone)
     if target.exists() and not resume:
         raise FileExistsError(f"{target} exists: this run already trained {config.scenario} for {config.backbone}; "
                               f"start a new run (a run never overwrites its outputs) or pass resume=True")
+    if check_images is not None and config.objective != "masked":
+        raise ValueError(f"check_images: the template check is for masked stages; {config.scenario} trains "
+                         f"the rotation proxy (pass check_images=None)")
+    if check_images is not None and (check_images.dim() != 4 or len(check_images) < 2):
+        raise ValueError(f"check_images must be a batch (N >= 2, C, H, W) of held-out images, got "
+                         f"{tuple(check_images.shape)}: the template check compares images with each other")
     init = find_checkpoint(run, config.init_scenario, config.backbone) if config.init_scenario else None
     train_ids = manifest.loc[manifest["split"] == "train", "image_id"].tolist()
     valid_ids = manifest.loc[manifest["split"] == "val", "image_id"].tolist()
@@ -179,13 +190,20 @@ def pretrain(run: Run, config: PretrainConfig, manifest: pd.DataFrame, cache: An
         from fastai.metrics import accuracy
 
         metrics = [accuracy]
-    result = fit(model, dls, config.train_config(), target.with_suffix(""), loss_func=loss_func, metrics=metrics,
-                 stage=f"pretrain:{config.scenario}", quiet=quiet, resume=resume,
+    out_dir = target.with_suffix("")
+    checks = []
+    if check_images is not None:
+        checks.append(TemplateCheckCallback(check_images, out_dir / "template_check.csv", every=check_every,
+                                            seed=config.seed))
+    result = fit(model, dls, config.train_config(), out_dir, loss_func=loss_func, metrics=metrics,
+                 stage=f"pretrain:{config.scenario}", quiet=quiet, resume=resume, cbs=checks,
                  patch_size=config.patch_size if config.mask_region_bias > 0 else None)
     models.save_encoder_checkpoint(model, target, meta={"scenario": config.scenario, "config": _plain(config),
                                                         "init": str(init) if init else None,
                                                         "train_images": len(train_ids)})
-    return PretrainResult(config, model, result, target, report)
+    template_table = out_dir / "template_check.csv"
+    template_history = pd.read_csv(template_table) if check_images is not None and template_table.exists() else None
+    return PretrainResult(config, model, result, target, report, template_history)
 
 
 def reconstruction_figure(model: nn.Module, images: torch.Tensor, mean: float, std: float, seed: int = 0,
@@ -236,17 +254,19 @@ def template_check(model: nn.Module, images: torch.Tensor, seed: int = 0) -> dic
         raise ValueError(f"template_check needs a batch (N >= 2, C, H, W) of images, got {tuple(images.shape)}")
     was_training = model.training
     model.eval()
+    device = next(model.parameters(), torch.empty(0)).device
     predictions, targets = [], []
     try:
         with torch.no_grad():
             for image in images:
-                _, pred, mask = model(image[None], generator=torch.Generator().manual_seed(seed))
-                target = models.mae.patchify(image[None].float(), model.patch_size)
+                image = image[None].float().to(device)
+                _, pred, mask = model(image, generator=torch.Generator().manual_seed(seed))
+                target = models.mae.patchify(image, model.patch_size)
                 if getattr(model, "norm_pix_loss", False):
                     target = models.mae.normalise_patches(target)[0]
                 hidden = mask[0].bool()
-                predictions.append(pred[0][hidden].float().flatten().numpy())
-                targets.append(target[0][hidden].flatten().numpy())
+                predictions.append(pred[0][hidden].float().flatten().cpu().numpy())
+                targets.append(target[0][hidden].flatten().cpu().numpy())
     finally:
         model.train(was_training)
     pred, target = np.stack(predictions), np.stack(targets)
@@ -264,6 +284,65 @@ def template_check(model: nn.Module, images: torch.Tensor, seed: int = 0) -> dic
         "template": float(np.mean([r(template, target[i]) for i in range(n)])),
         "images": n,
     }
+
+
+class TemplateCheckCallback(Callback):
+    """Runs :func:`template_check` on fixed held-out images after every ``every``-th epoch of a masked stage.
+
+    The loss alone cannot say when (or whether) a masked model stops predicting a position template and starts
+    reading the image: on the real chest pool the template phase lasted the whole 40-epoch run at one learning
+    rate and ended within 10 epochs at a lower mask ratio. Rows (epoch, own, other, between_predictions,
+    template) are rewritten to ``path`` (CSV) after each check, so an interrupted run keeps them and a resumed one
+    continues the table.
+    """
+
+    order = 80  # after the checkpoint callback: a slow check never delays the epoch's checkpoint
+
+    def __init__(self, images: torch.Tensor, path: str | Path, every: int = 1, seed: int = 0):
+        super().__init__()
+        if every < 1:
+            raise ValueError(f"TemplateCheckCallback: every must be >= 1 epoch, got {every}")
+        self.images, self.path, self.every, self.seed = images, Path(path), every, seed
+        self.rows: list[dict[str, float]] = []
+
+    def before_fit(self) -> None:
+        # A resumed run starts from the table its interrupted part wrote; rows of epochs it will redo are dropped.
+        start = int(getattr(self.learn, "first_epoch", 0))
+        if self.path.exists():
+            self.rows = [row for row in pd.read_csv(self.path).to_dict("records") if row["epoch"] < start]
+
+    def after_epoch(self) -> None:
+        epoch = int(self.learn.epoch)
+        last = epoch + 1 == self.learn.n_epoch
+        if (epoch + 1) % self.every and not last and epoch > 0:
+            return
+        model = getattr(self.learn.model, "module", self.learn.model)  # the DDP wrapper's module, if any
+        self.rows = [row for row in self.rows if row["epoch"] < epoch]
+        self.rows.append({"epoch": epoch, **template_check(model, self.images, seed=self.seed)})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_suffix(".tmp")
+        self.table.to_csv(temporary, index=False)
+        temporary.replace(self.path)
+
+    @property
+    def table(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows)
+
+
+def template_check_figure(table: pd.DataFrame, title: str = ""):
+    """``own`` and ``other`` (and the mean prediction's fit) per epoch: the gap is what the model reads."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 3))
+    labels = {"own": "own image", "other": "another image", "template": "mean prediction (template)"}
+    for column, label in labels.items():
+        ax.plot(table["epoch"], table[column], marker="o", label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("correlation with hidden patches")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def loss_curve_figure(history: pd.DataFrame, title: str = ""):

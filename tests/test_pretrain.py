@@ -1,6 +1,9 @@
 """Every pretraining scenario, both backbones: trains through the fit path and loads into the fine-tuning model."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import pandas as pd
 import pytest
 import torch
 
@@ -132,3 +135,26 @@ def test_template_check_tells_a_model_that_reads_the_image_from_one_that_predict
     assert abs(template["own"] - template["other"]) < 0.1
     with pytest.raises(ValueError, match="N >= 2"):
         pretrain.template_check(_PatchPredictor(oracle=True), images[:1])
+
+
+def test_the_template_check_runs_every_epoch_of_a_masked_stage_and_a_resumed_run_continues_its_table(data, tmp_path):
+    chest, cache = data["chest"]
+    run = runs.new_run("test", root=tmp_path)
+    images = pretrain.example_images(cache, chest["image_id"].tolist()[:4], 0.5, 0.25)
+    result = pretrain.pretrain(run, stage("chest_mae", "vit_small", epochs=2), chest, cache, 0.5, 0.25, quiet=True,
+                               check_images=images)
+    table = result.template_history
+    assert table["epoch"].tolist() == [0, 1] and table["images"].tolist() == [4, 4]
+    assert table[["own", "other", "between_predictions", "template"]].notna().all().all()
+    written = run.checkpoints / "chest_mae" / "vit_small" / "template_check.csv"
+    assert written.exists() and len(pd.read_csv(written)) == 2
+    # a resumed run keeps the rows of the epochs it does not redo, and drops those it does
+    callback = pretrain.TemplateCheckCallback(images, written)
+    callback.learn = SimpleNamespace(first_epoch=1)
+    callback.before_fit()
+    assert [row["epoch"] for row in callback.rows] == [0]
+    with pytest.raises(ValueError, match="rotation proxy"):
+        pretrain.pretrain(run, stage("chest_mae+rotation", "vit_small"), chest, cache, 0.5, 0.25, quiet=True,
+                          check_images=images)
+    with pytest.raises(ValueError, match="every must be >= 1"):
+        pretrain.TemplateCheckCallback(images, written, every=0)
