@@ -57,7 +57,7 @@ from skimage.metrics import structural_similarity
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from osteolib.models.backbones import model_arch
+from osteolib.models.backbones import eval_mode, model_arch
 from osteolib.models.multiscale import MultiScaleDenseNet
 
 CAM_METHODS: dict[str, type] = {
@@ -189,11 +189,9 @@ def compute_cams(
             reshape_transform = reshape_transform_for(model, arch)
     layers = list(layers)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     class_agnostic = method == "eigencam"
     maps: list[np.ndarray] = []
-    try:
+    with eval_mode(model):
         if not class_agnostic:
             num_outputs = _num_outputs(model, images[:1].to(device))
             classes = _resolve_targets(model, images, targets, num_outputs, batch_size)
@@ -208,8 +206,6 @@ def compute_cams(
                     _target(c, num_outputs, "logit") for c in classes[start:start + batch_size]
                 ]
                 maps.append(np.asarray(cam(input_tensor=chunk, targets=chunk_targets), dtype=np.float32))
-    finally:
-        model.train(was_training)
     # grad-cam's context manager prints and *swallows* an IndexError raised inside it (e.g. no gradient
     # reached the target layer), which would leave maps missing: count them instead of trusting it.
     if sum(len(m) for m in maps) != len(images):
@@ -254,11 +250,9 @@ def multiscale_cam(
     # Explicit classes are checked before any forward pass; None is resolved per batch from its logits.
     classes = None if class_idx is None else _resolve_targets(model, images, class_idx, model.num_classes, batch_size)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     combined_parts: list[np.ndarray] = []
     per_scale_parts: list[list[np.ndarray]] = []
-    try:
+    with eval_mode(model):
         with torch.no_grad():
             for start in range(0, len(images), batch_size):
                 chunk = images[start:start + batch_size].to(device)
@@ -277,8 +271,6 @@ def multiscale_cam(
                     combined, per_scale = _relu_min_max(combined), [_relu_min_max(m) for m in per_scale]
                 combined_parts.append(combined.float().cpu().numpy())
                 per_scale_parts.append([m.float().cpu().numpy() for m in per_scale])
-    finally:
-        model.train(was_training)
     per_scale_maps = [np.concatenate([part[b] for part in per_scale_parts]) for b in range(len(model.blocks))]
     return np.concatenate(combined_parts), per_scale_maps
 
@@ -798,10 +790,8 @@ def faithfulness(
         "cam_mult": CamMultImageConfidenceChange,
     }[method]()
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     scores: list[np.ndarray] = []
-    try:
+    with eval_mode(model):
         num_outputs = _num_outputs(model, images[:1].to(device))
         classes = _resolve_targets(model, images, targets, num_outputs, batch_size)
         with torch.random.fork_rng(devices=[]), torch.no_grad():
@@ -811,8 +801,6 @@ def faithfulness(
                 chunk_targets = [_target(c, num_outputs, score) for c in classes[start:start + batch_size]]
                 result = np.asarray(metric(chunk, cams[start:start + batch_size], chunk_targets, model), dtype=np.float64)
                 scores.append(result.reshape(len(chunk), -1)[:, 0])
-    finally:
-        model.train(was_training)
     return np.concatenate(scores)
 
 
@@ -941,12 +929,8 @@ def randomisation_check(
         raise ValueError(f"steps must be unit counts in 1..{total} (see cascade_units(model)), got {bad}")
     if targets is None:
         num_outputs = _num_outputs(model, images[:1].to(next(model.parameters()).device))
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             targets = _resolve_targets(model, images, None, num_outputs, 16)
-        finally:
-            model.train(was_training)
     ids = [str(i) for i in range(len(images))]
     def maps_of(net: nn.Module) -> np.ndarray:
         return compute_cams(net, images, method, targets=targets, layers=None if layers is None else layers(net))

@@ -547,19 +547,15 @@ def predict_probs(model: nn.Module, cache: Any, image_ids: Sequence[str], image_
     order of ``image_ids``; under ``precision``'s autocast when it has one (as in training)."""
     dataset = XrayDataset(cache, image_ids, transform=crop_policy("none", image_size), mean=mean, std=std)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     autocast = (torch.autocast(precision.device_type, dtype=precision.autocast_dtype)
                 if precision is not None and precision.autocast_dtype is not None else contextlib.nullcontext())
     outputs = []
-    try:
+    with models.eval_mode(model):
         for start in range(0, len(dataset), batch_size):
             batch = torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))])
             with autocast:
                 logits = model(batch.to(device))
             outputs.append(torch.softmax(logits.float(), dim=-1).cpu())
-    finally:
-        model.train(was_training)
     return torch.cat(outputs).numpy().astype(np.float64)
 
 

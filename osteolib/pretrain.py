@@ -252,23 +252,18 @@ def template_check(model: nn.Module, images: torch.Tensor, seed: int = 0) -> dic
     """
     if images.dim() != 4 or images.shape[0] < 2:
         raise ValueError(f"template_check needs a batch (N >= 2, C, H, W) of images, got {tuple(images.shape)}")
-    was_training = model.training
-    model.eval()
     device = next(model.parameters(), torch.empty(0)).device
     predictions, targets = [], []
-    try:
-        with torch.no_grad():
-            for image in images:
-                image = image[None].float().to(device)
-                _, pred, mask = model(image, generator=torch.Generator().manual_seed(seed))
-                target = models.mae.patchify(image, model.patch_size)
-                if getattr(model, "norm_pix_loss", False):
-                    target = models.mae.normalise_patches(target)[0]
-                hidden = mask[0].bool()
-                predictions.append(pred[0][hidden].float().flatten().cpu().numpy())
-                targets.append(target[0][hidden].flatten().cpu().numpy())
-    finally:
-        model.train(was_training)
+    with models.eval_mode(model), torch.no_grad():
+        for image in images:
+            image = image[None].float().to(device)
+            _, pred, mask = model(image, generator=torch.Generator().manual_seed(seed))
+            target = models.mae.patchify(image, model.patch_size)
+            if getattr(model, "norm_pix_loss", False):
+                target = models.mae.normalise_patches(target)[0]
+            hidden = mask[0].bool()
+            predictions.append(pred[0][hidden].float().flatten().cpu().numpy())
+            targets.append(target[0][hidden].flatten().cpu().numpy())
     pred, target = np.stack(predictions), np.stack(targets)
     n = len(pred)
     pairs = [(i, j) for i in range(n) for j in range(n) if i != j]
@@ -365,16 +360,16 @@ def loss_curve_figure(history: pd.DataFrame, title: str = ""):
 def rotation_accuracy(model: nn.Module, cache: Any, image_ids: list[str], mean: float, std: float,
                       batch_size: int = 64) -> pd.DataFrame:
     """Validation accuracy per rotation class: every image is shown at 0, 90, 180 and 270 degrees."""
-    model.eval()
     device = next(model.parameters()).device
     correct = np.zeros(4)
     confusion = np.zeros((4, 4), dtype=int)
-    for start in range(0, len(image_ids), batch_size):
-        batch = example_images(cache, image_ids[start:start + batch_size], mean, std).to(device)
-        for k in range(4):
-            predicted = model(RotationTargets.rotate(batch, k)).float().argmax(dim=1).cpu().numpy()
-            correct[k] += (predicted == k).sum()
-            np.add.at(confusion[k], predicted, 1)
+    with models.eval_mode(model):
+        for start in range(0, len(image_ids), batch_size):
+            batch = example_images(cache, image_ids[start:start + batch_size], mean, std).to(device)
+            for k in range(4):
+                predicted = model(RotationTargets.rotate(batch, k)).float().argmax(dim=1).cpu().numpy()
+                correct[k] += (predicted == k).sum()
+                np.add.at(confusion[k], predicted, 1)
     table = pd.DataFrame({"rotation": [f"{90 * k}°" for k in range(4)], "images": len(image_ids),
                           "accuracy": correct / max(len(image_ids), 1)})
     for j in range(4):

@@ -221,6 +221,23 @@ def test_mae_learns_to_read_the_visible_patches():
     assert after["between_predictions"] < 0.5  # different images get different predictions
 
 
+def test_eval_mode_restores_each_models_own_mode_even_when_the_block_raises():
+    from osteolib.models import eval_mode
+
+    model = torch.nn.Sequential(torch.nn.BatchNorm1d(2), torch.nn.Dropout(0.5))
+    model.train()
+    with eval_mode(model) as inside:
+        assert inside is model and not any(m.training for m in model.modules())
+    assert all(m.training for m in model.modules())
+    with pytest.raises(RuntimeError, match="boom"), eval_mode(model):
+        raise RuntimeError("boom")
+    assert model.training
+    model.eval()
+    with eval_mode(model):
+        pass
+    assert not model.training  # a model in eval mode stays there
+
+
 def test_mae_reconstruct_pastes_visible_patches_and_restores_mode():
     model = tiny_mae()
     model.train()

@@ -36,12 +36,13 @@ unexpected key or a shape mismatch is an error; the fresh classifier head is rep
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import timm
 import torch
@@ -605,6 +606,18 @@ def _grid_from_config(config: Mapping[str, Any]) -> list[int] | None:
         height, width = size_pair(kwargs["img_size"], "img_size")
         return [height // kwargs["patch_size"], width // kwargs["patch_size"]]
     return None  # timm then assumes a square grid
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside the block (BatchNorm statistics frozen, dropout off), its own mode back after,
+    also when the block raises: figures, checks and predictions must not change a model that is still training."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def size_pair(size: int | tuple[int, int] | list[int], what: str) -> tuple[int, int]:

@@ -30,7 +30,7 @@ from timm.layers import LayerNorm, PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from osteolib.models.backbones import size_pair
+from osteolib.models.backbones import eval_mode, size_pair
 
 # ViT-small's shape: a MAE with these values corresponds to create_backbone("vit_small").
 VIT_SMALL = dict(embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0)
@@ -407,14 +407,9 @@ def reconstruct_in_eval_mode(
 
     Runs in eval mode, so BatchNorm statistics are not updated by a figure, and restores the mode.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            loss, pred, mask = model(imgs, mask_ratio=mask_ratio, mask_weights=mask_weights, generator=generator)
-            panels = reconstruction_panels(imgs, pred, mask, model.patch_size, model.norm_pix_loss)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        loss, pred, mask = model(imgs, mask_ratio=mask_ratio, mask_weights=mask_weights, generator=generator)
+        panels = reconstruction_panels(imgs, pred, mask, model.patch_size, model.norm_pix_loss)
     panels["loss"] = loss
     return panels
 
