@@ -326,30 +326,25 @@ class TemplateCheckCallback(Callback):
 
 def template_check_figure(table: pd.DataFrame, title: str = ""):
     """``own`` and ``other`` (and the mean prediction's fit) per epoch: the gap is what the model reads."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.5, 3))
-    labels = {"own": "own image", "other": "another image", "template": "mean prediction (template)"}
-    for column, label in labels.items():
-        ax.plot(table["epoch"], table[column], marker="o", label=label)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("correlation with hidden patches")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    lines = {"own": "own image", "other": "another image", "template": "mean prediction (template)"}
+    return _per_epoch_figure(table, lines, "correlation with hidden patches", title)
 
 
 def loss_curve_figure(history: pd.DataFrame, title: str = ""):
     """Training and validation loss per epoch."""
+    return _per_epoch_figure(history, {"train_loss": "train loss", "valid_loss": "valid loss"}, "loss", title)
+
+
+def _per_epoch_figure(table: pd.DataFrame, lines: dict[str, str], ylabel: str, title: str):
+    """One line per column of ``table`` named in ``lines`` (column -> legend label) that the table has, by epoch."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(4.5, 3))
-    for column in ("train_loss", "valid_loss"):
-        if column in history:
-            ax.plot(history["epoch"], history[column], marker="o", label=column.replace("_", " "))
+    for column, label in lines.items():
+        if column in table:
+            ax.plot(table["epoch"], table[column], marker="o", label=label)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -146,6 +146,10 @@ def test_the_template_check_runs_every_epoch_of_a_masked_stage_and_a_resumed_run
     table = result.template_history
     assert table["epoch"].tolist() == [0, 1] and table["images"].tolist() == [4, 4]
     assert table[["own", "other", "between_predictions", "template"]].notna().all().all()
+    figure = pretrain.template_check_figure(table)
+    assert [line.get_label() for line in figure.axes[0].lines] == ["own image", "another image",
+                                                                   "mean prediction (template)"]
+    assert figure.axes[0].lines[0].get_ydata().tolist() == table["own"].tolist()
     written = run.checkpoints / "chest_mae" / "vit_small" / "template_check.csv"
     assert written.exists() and len(pd.read_csv(written)) == 2
     # a resumed run keeps the rows of the epochs it does not redo, and drops those it does
