@@ -193,7 +193,7 @@ def pretrain(run: Run, config: PretrainConfig, manifest: pd.DataFrame, cache: An
     out_dir = target.with_suffix("")
     checks = []
     if check_images is not None:
-        checks.append(TemplateCheckCallback(check_images, out_dir / "template_check.csv", every=check_every,
+        checks.append(TemplateCheckCallback(model, check_images, out_dir / "template_check.csv", every=check_every,
                                             seed=config.seed))
     result = fit(model, dls, config.train_config(), out_dir, loss_func=loss_func, metrics=metrics,
                  stage=f"pretrain:{config.scenario}", quiet=quiet, resume=resume, cbs=checks,
@@ -293,11 +293,13 @@ class TemplateCheckCallback(Callback):
 
     order = 80  # after the checkpoint callback: a slow check never delays the epoch's checkpoint
 
-    def __init__(self, images: torch.Tensor, path: str | Path, every: int = 1, seed: int = 0):
+    def __init__(self, model: nn.Module, images: torch.Tensor, path: str | Path, every: int = 1, seed: int = 0):
         super().__init__()
         if every < 1:
             raise ValueError(f"TemplateCheckCallback: every must be >= 1 epoch, got {every}")
-        self.images, self.path, self.every, self.seed = images, Path(path), every, seed
+        # The masked model itself, not learn.model: fit may wrap it (region masks, DDP), and the wrappers do
+        # not take the check's fixed-mask generator.
+        self.model, self.images, self.path, self.every, self.seed = model, images, Path(path), every, seed
         self.rows: list[dict[str, float]] = []
 
     def before_fit(self) -> None:
@@ -311,9 +313,10 @@ class TemplateCheckCallback(Callback):
         last = epoch + 1 == self.learn.n_epoch
         if (epoch + 1) % self.every and not last and epoch > 0:
             return
-        model = getattr(self.learn.model, "module", self.learn.model)  # the DDP wrapper's module, if any
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+            return  # every process holds the same weights: one writes the table
         self.rows = [row for row in self.rows if row["epoch"] < epoch]
-        self.rows.append({"epoch": epoch, **template_check(model, self.images, seed=self.seed)})
+        self.rows.append({"epoch": epoch, **template_check(self.model, self.images, seed=self.seed)})
         self.path.parent.mkdir(parents=True, exist_ok=True)
         temporary = self.path.with_suffix(".tmp")
         self.table.to_csv(temporary, index=False)

@@ -153,12 +153,19 @@ def test_the_template_check_runs_every_epoch_of_a_masked_stage_and_a_resumed_run
     written = run.checkpoints / "chest_mae" / "vit_small" / "template_check.csv"
     assert written.exists() and len(pd.read_csv(written)) == 2
     # a resumed run keeps the rows of the epochs it does not redo, and drops those it does
-    callback = pretrain.TemplateCheckCallback(images, written)
+    callback = pretrain.TemplateCheckCallback(result.model, images, written)
     callback.learn = SimpleNamespace(first_epoch=1)
     callback.before_fit()
     assert [row["epoch"] for row in callback.rows] == [0]
+    # a region-biased stage (fit wraps the model to feed it the region) is checked too
+    target, target_cache = data["target"]
+    target_images = pretrain.example_images(target_cache, target["image_id"].tolist()[:3], 0.5, 0.25)
+    center = pretrain.pretrain(run, stage("chest_mae+target_mae_center", "vit_small", crop_mode="center",
+                                          mask_region_bias=2.0), target, target_cache, 0.5, 0.25, quiet=True,
+                               check_images=target_images)
+    assert center.template_history["images"].tolist() == [3]
     with pytest.raises(ValueError, match="rotation proxy"):
         pretrain.pretrain(run, stage("chest_mae+rotation", "vit_small"), chest, cache, 0.5, 0.25, quiet=True,
                           check_images=images)
     with pytest.raises(ValueError, match="every must be >= 1"):
-        pretrain.TemplateCheckCallback(images, written, every=0)
+        pretrain.TemplateCheckCallback(result.model, images, written, every=0)
