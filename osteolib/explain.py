@@ -252,25 +252,24 @@ def multiscale_cam(
     device = next(model.parameters()).device
     combined_parts: list[np.ndarray] = []
     per_scale_parts: list[list[np.ndarray]] = []
-    with eval_mode(model):
-        with torch.no_grad():
-            for start in range(0, len(images), batch_size):
-                chunk = images[start:start + batch_size].to(device)
-                outputs = model.forward_scales(chunk)
-                chunk_classes = classes[start:start + batch_size] if classes is not None else _resolve_targets(
-                    model, chunk, None, model.num_classes, batch_size, logits=model.combine(outputs.logits))
-                combined, per_scale = combine_scale_cams(
-                    outputs.features,
-                    [head.weight for head in model.scale_heads],
-                    model.relevance_weights(),
-                    chunk_classes,
-                    out_size=tuple(images.shape[-2:]),
-                    single_logit=model.num_classes == 1,
-                )
-                if normalise:
-                    combined, per_scale = _relu_min_max(combined), [_relu_min_max(m) for m in per_scale]
-                combined_parts.append(combined.float().cpu().numpy())
-                per_scale_parts.append([m.float().cpu().numpy() for m in per_scale])
+    with eval_mode(model), torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size].to(device)
+            outputs = model.forward_scales(chunk)
+            chunk_classes = classes[start:start + batch_size] if classes is not None else _resolve_targets(
+                model, chunk, None, model.num_classes, batch_size, logits=model.combine(outputs.logits))
+            combined, per_scale = combine_scale_cams(
+                outputs.features,
+                [head.weight for head in model.scale_heads],
+                model.relevance_weights(),
+                chunk_classes,
+                out_size=tuple(images.shape[-2:]),
+                single_logit=model.num_classes == 1,
+            )
+            if normalise:
+                combined, per_scale = _relu_min_max(combined), [_relu_min_max(m) for m in per_scale]
+            combined_parts.append(combined.float().cpu().numpy())
+            per_scale_parts.append([m.float().cpu().numpy() for m in per_scale])
     per_scale_maps = [np.concatenate([part[b] for part in per_scale_parts]) for b in range(len(model.blocks))]
     return np.concatenate(combined_parts), per_scale_maps
 

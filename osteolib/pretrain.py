@@ -162,9 +162,8 @@ def pretrain(run: Run, config: PretrainConfig, manifest: pd.DataFrame, cache: An
     if check_images is not None and config.objective != "masked":
         raise ValueError(f"check_images: the template check is for masked stages; {config.scenario} trains "
                          f"the rotation proxy (pass check_images=None)")
-    if check_images is not None and (check_images.dim() != 4 or len(check_images) < 2):
-        raise ValueError(f"check_images must be a batch (N >= 2, C, H, W) of held-out images, got "
-                         f"{tuple(check_images.shape)}: the template check compares images with each other")
+    if check_images is not None:
+        _require_image_pairs(check_images, "check_images")
     init = find_checkpoint(run, config.init_scenario, config.backbone) if config.init_scenario else None
     train_ids = manifest.loc[manifest["split"] == "train", "image_id"].tolist()
     valid_ids = manifest.loc[manifest["split"] == "val", "image_id"].tolist()
@@ -192,17 +191,16 @@ def pretrain(run: Run, config: PretrainConfig, manifest: pd.DataFrame, cache: An
 
         metrics = [accuracy]
     out_dir = target.with_suffix("")
+    template_table = out_dir / "template_check.csv"
     checks = []
     if check_images is not None:
-        checks.append(TemplateCheckCallback(model, check_images, out_dir / "template_check.csv", every=check_every,
-                                            seed=config.seed))
+        checks.append(TemplateCheckCallback(model, check_images, template_table, every=check_every, seed=config.seed))
     result = fit(model, dls, config.train_config(), out_dir, loss_func=loss_func, metrics=metrics,
                  stage=f"pretrain:{config.scenario}", quiet=quiet, resume=resume, cbs=checks,
                  patch_size=config.patch_size if config.mask_region_bias > 0 else None)
     models.save_encoder_checkpoint(model, target, meta={"scenario": config.scenario, "config": _plain(config),
                                                         "init": str(init) if init else None,
                                                         "train_images": len(train_ids)})
-    template_table = out_dir / "template_check.csv"
     template_history = pd.read_csv(template_table) if check_images is not None and template_table.exists() else None
     return PretrainResult(config, model, result, target, report, template_history)
 
@@ -251,8 +249,7 @@ def template_check(model: nn.Module, images: torch.Tensor, seed: int = 0) -> dic
     mean it predicts a position-dependent template. A low loss alone cannot tell these apart, and a reconstruction
     figure that borrows each hidden patch's brightness hides it (found on the real chest MAE: see profiles/real.yaml).
     """
-    if images.dim() != 4 or images.shape[0] < 2:
-        raise ValueError(f"template_check needs a batch (N >= 2, C, H, W) of images, got {tuple(images.shape)}")
+    _require_image_pairs(images, "template_check's images")
     device = next(model.parameters(), torch.empty(0)).device
     predictions, targets = [], []
     with models.eval_mode(model), torch.no_grad():
@@ -280,6 +277,12 @@ def template_check(model: nn.Module, images: torch.Tensor, seed: int = 0) -> dic
         "template": float(np.mean([r(template, target[i]) for i in range(n)])),
         "images": n,
     }
+
+
+def _require_image_pairs(images: torch.Tensor, what: str) -> None:
+    if images.dim() != 4 or images.shape[0] < 2:
+        raise ValueError(f"{what} must be a batch (N >= 2, C, H, W) of images, got {tuple(images.shape)}: the "
+                         f"template check compares images with each other")
 
 
 class TemplateCheckCallback(Callback):
