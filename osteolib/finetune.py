@@ -389,6 +389,7 @@ class FinetuneInputs:
     train_images_before_fraction: int
     rows_outside_splits: int
     checkpoint: Path | None
+    architecture: dict[str, Any]  # create_backbone's keyword arguments besides num_classes and img_size
     model: nn.Module
     load_report: Any
 
@@ -419,11 +420,12 @@ def _pretraining_checkpoint(config: FinetuneConfig, run: Run) -> Path | None:
         raise FileNotFoundError(f"fine-tuning {config.backbone} from scenario {config.scenario!r}: {err}") from None
 
 
-def build_model(config: FinetuneConfig, run: Run, num_classes: int = 2) -> tuple[nn.Module, Any]:
-    """The classifier of a run and the :class:`~osteolib.models.LoadReport` of its initialisation (None for
-    ``random``). The architecture options the pretraining checkpoint was saved with (ViT patch size, depth,
-    ...) are reused so its encoder fits; a mismatch raises :class:`~osteolib.models.CheckpointMismatchError`
-    naming the scenario and backbone. Layer-wise decay is set to count stages (:func:`use_stage_layer_decay`).
+def classifier_architecture(config: FinetuneConfig, run: Run) -> tuple[Path | None, dict[str, Any]]:
+    """The pretraining checkpoint a run starts from (None for ``random``) and the keyword arguments of
+    :func:`~osteolib.models.create_backbone` besides ``num_classes`` and ``img_size`` that its classifier is built
+    with: the architecture options the checkpoint was saved with (ViT patch size, depth, ...), so its encoder fits.
+    A mismatch with ``config`` raises :class:`~osteolib.models.CheckpointMismatchError` naming the scenario and
+    backbone. Fine-tuning records the result in its summary, so :func:`load_finetuned` needs no pretraining files.
     """
     config.validate()
     checkpoint = _pretraining_checkpoint(config, run)
@@ -454,6 +456,16 @@ def build_model(config: FinetuneConfig, run: Run, num_classes: int = 2) -> tuple
                 f"leave patch_size=None to take the checkpoint's")
         kwargs["patch_size"] = config.patch_size or saved_patch or 16
         kwargs["drop_path_rate"] = float(config.drop_path)
+    return checkpoint, kwargs
+
+
+def build_model(config: FinetuneConfig, run: Run, num_classes: int = 2) -> tuple[nn.Module, Any]:
+    """The classifier of a run and the :class:`~osteolib.models.LoadReport` of its initialisation (None for
+    ``random``), built as :func:`classifier_architecture` says. Layer-wise decay is set to count stages
+    (:func:`use_stage_layer_decay`).
+    """
+    checkpoint, kwargs = classifier_architecture(config, run)
+    what = f"scenario {config.scenario!r} for backbone {config.backbone!r}"
     # torch seeds its generator randomly at start-up, so an unseeded build gives every process another
     # initialisation (a random-init model, and a pretrained encoder's new head): seed the build itself.
     torch.manual_seed(config.seed)
@@ -527,13 +539,14 @@ def check_finetune_inputs(config: FinetuneConfig, run: Run, manifest: pd.DataFra
         raise ValueError(f"mixup/cutmix need full, even batches: {len(train_ids)} training images are fewer than "
                          f"batch_size={config.batch_size}; lower batch_size or turn mixing off")
 
-    checkpoint = _pretraining_checkpoint(config, run)  # a missing checkpoint is named before any model is built
+    # a missing or unfitting checkpoint is named before any model is built
+    checkpoint, architecture = classifier_architecture(config, run)
     model, report = build_model(config, run, num_classes=len(classes))
     return FinetuneInputs(classes=classes, train_ids=train_ids, train_targets=train_targets,
                           val_ids=splits["val"][0], val_targets=splits["val"][1],
                           test_ids=splits["test"][0], test_targets=splits["test"][1],
                           train_images_before_fraction=len(all_train), rows_outside_splits=rows_outside,
-                          checkpoint=checkpoint, model=model, load_report=report)
+                          checkpoint=checkpoint, architecture=architecture, model=model, load_report=report)
 
 
 # --------------------------------------------------------------------------------------------
@@ -685,6 +698,7 @@ def _write_summary(result: FinetuneResult, inputs: FinetuneInputs) -> None:
         "threshold": {"value": result.threshold, "method": result.config.threshold_method, "split": "val"},
         "val_metrics": result.val_metrics, "test_metrics": result.test_metrics, "counts": result.counts,
         "init_checkpoint": str(inputs.checkpoint) if inputs.checkpoint else None,
+        "architecture": inputs.architecture,
         "init_report": result.load_report.summary() if result.load_report is not None else None,
         "drop_path_applied": result.config.drop_path if result.config.is_vit else 0.0,
         "precision": result.precision, "train_images_per_s": result.train_images_per_s,
@@ -856,11 +870,30 @@ def finetuned_runs(run: Run) -> list[str]:
 
 
 def load_finetuned(run: Run, name: str) -> tuple[nn.Module, FinetuneConfig, list[str]]:
-    """The selected (best validation AUC) model of fine-tuning run ``name``, in eval mode, with its config."""
-    summary = json.loads(run.find(Path("logs") / f"{name}-summary.json").read_text())
+    """The selected (best validation AUC) model of fine-tuning run ``name``, in eval mode, with its config.
+
+    Built from the architecture its summary records, so the pretraining checkpoint it started from need not be
+    in ``run``'s folders (cells gathered from runs with different parents). Summaries written before that record
+    existed take it from the pretraining checkpoint when it is found, else the default architecture; the weights
+    load strictly, so a wrong guess is an error, not a silently different model.
+    """
+    summary_path = run.find(Path("logs") / f"{name}-summary.json")
+    summary = json.loads(summary_path.read_text())
     fields = dict(summary["config"])
     fields["crop_scale"] = tuple(fields["crop_scale"])
     config = FinetuneConfig(**fields)
-    model, _ = build_model(config, run, num_classes=len(summary["classes"]))
-    load_weights(model, run.find(Path("checkpoints") / "finetune" / name / BEST))
+    architecture = summary.get("architecture")
+    if architecture is None:
+        try:
+            architecture = classifier_architecture(config, run)[1]
+        except FileNotFoundError:
+            architecture = {"patch_size": config.patch_size or 16} if config.is_vit else {}
+    model = models.create_backbone(config.backbone, num_classes=len(summary["classes"]), img_size=config.image_size,
+                                   **architecture)
+    weights = run.find(Path("checkpoints") / "finetune" / name / BEST)
+    try:
+        load_weights(model, weights)
+    except RuntimeError as err:
+        raise models.CheckpointMismatchError(f"{weights} does not fit the architecture {architecture} of "
+                                             f"{config.backbone} taken for {summary_path}: {err}") from None
     return model.eval(), config, list(summary["classes"])

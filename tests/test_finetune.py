@@ -7,6 +7,7 @@ learn); models are the real timm networks at 32 px, one or two epochs, on one th
 from __future__ import annotations
 
 import json
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -380,6 +381,33 @@ def test_vit_takes_patch_size_and_depth_from_its_checkpoint(tmp_path):
         build_model(config(scenario="chest_mae", backbone="vit_small", patch_size=16), run)
     with pytest.raises(CheckpointMismatchError, match="pretrained at img_size 32"):
         build_model(config(scenario="chest_mae", backbone="vit_small", image_size=64), run)
+
+
+def test_a_finetuned_model_loads_without_its_pretraining_checkpoint(tmp_path):
+    # Cells gathered from runs with different parents (osteo collect --parent) leave the pretraining checkpoints
+    # behind: the summary's architecture record rebuilds the model, here a ViT unlike the default (patch 8, depth 2).
+    trained = Run(tmp_path / "trained")
+    mae = mae_vit_small(img_size=IMG, patch_size=8, depth=2, decoder_depth=1, decoder_embed_dim=32,
+                        decoder_num_heads=4)
+    save_encoder_checkpoint(mae, trained.checkpoints / "chest_mae" / "vit_small.pt")
+    manifest = make_manifest()
+    cfg = config(scenario="chest_mae", backbone="vit_small", epochs=1, warmup_epochs=0)
+    result = finetune(trained, cfg, manifest, make_cache(manifest), 0.5, 0.25, quiet=True)
+    summary = json.loads(result.summary_path.read_text())
+    assert summary["architecture"] == {"in_chans": 1, "depth": 2, "patch_size": 8, "drop_path_rate": cfg.drop_path}
+
+    gathered = Run(tmp_path / "gathered")
+    for part in ("logs", "checkpoints/finetune"):
+        shutil.copytree(trained.path / part, gathered.path / part)
+    model, _, _ = finetune_module.load_finetuned(gathered, result.name)
+    assert len(model.blocks) == 2
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in result.model.state_dict().items())
+
+    # a summary from before the record: the default architecture is tried, and the strict load refuses it by name
+    del summary["architecture"]
+    (gathered.path / "logs" / f"{result.name}-summary.json").write_text(json.dumps(summary))
+    with pytest.raises(CheckpointMismatchError, match=f"{result.name}-summary.json"):
+        finetune_module.load_finetuned(gathered, result.name)
 
 
 # --- mixup ------------------------------------------------------------------------------------------
