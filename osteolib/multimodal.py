@@ -61,6 +61,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from . import finetune, stats, synthetic
+from .models import eval_mode
 from .data import SeededLoader, SeededSampler, XrayDataset, make_dataloaders
 from .train import TrainConfig, fit
 from .transforms import crop_policy
@@ -552,29 +553,29 @@ def _image_batches(cache: Any, image_ids: Sequence[str], image_size: int, mean: 
 def predict(model: ImageTextModel, cache: Any, image_ids: Sequence[str], image_size: int, mean: float, std: float,
             classes: Sequence[str], batch_size: int = 64) -> pd.DataFrame:
     """Per image: both heads' probabilities and the retrieved training text. Takes no texts: none can leak."""
-    model.eval()
     device = next(model.parameters()).device
     rows = []
-    for images in _image_batches(cache, image_ids, image_size, mean, std, batch_size):
-        features = model.image_features(images.to(device))
-        index, similarity = model.retrieve(features)
-        image_probs = torch.softmax(model.image_encoder.get_classifier()(features).float(), -1)
-        text_probs = torch.softmax(model.text_head(model.text_encoder(model.bank_tokens[index])).float(), -1)
-        for i in range(len(images)):
-            rows.append({"retrieved_text": model.bank.texts[int(index[i])],
-                         "retrieved_label": model.bank.labels[int(index[i])], "similarity": float(similarity[i]),
-                         **{f"img_prob_{c}": float(image_probs[i, k]) for k, c in enumerate(classes)},
-                         **{f"txt_prob_{c}": float(text_probs[i, k]) for k, c in enumerate(classes)}})
+    with eval_mode(model):
+        for images in _image_batches(cache, image_ids, image_size, mean, std, batch_size):
+            features = model.image_features(images.to(device))
+            index, similarity = model.retrieve(features)
+            image_probs = torch.softmax(model.image_encoder.get_classifier()(features).float(), -1)
+            text_probs = torch.softmax(model.text_head(model.text_encoder(model.bank_tokens[index])).float(), -1)
+            for i in range(len(images)):
+                rows.append({"retrieved_text": model.bank.texts[int(index[i])],
+                             "retrieved_label": model.bank.labels[int(index[i])], "similarity": float(similarity[i]),
+                             **{f"img_prob_{c}": float(image_probs[i, k]) for k, c in enumerate(classes)},
+                             **{f"txt_prob_{c}": float(text_probs[i, k]) for k, c in enumerate(classes)}})
     return pd.DataFrame(rows).assign(image_id=list(image_ids))
 
 
 @torch.no_grad()
 def predict_baseline(model: nn.Module, cache: Any, image_ids: Sequence[str], image_size: int, mean: float,
                      std: float, classes: Sequence[str], batch_size: int = 64) -> pd.DataFrame:
-    model.eval()
     device = next(model.parameters()).device
-    probs = torch.cat([torch.softmax(model(b.to(device)).float(), -1).cpu()
-                       for b in _image_batches(cache, image_ids, image_size, mean, std, batch_size)])
+    with eval_mode(model):
+        probs = torch.cat([torch.softmax(model(b.to(device)).float(), -1).cpu()
+                           for b in _image_batches(cache, image_ids, image_size, mean, std, batch_size)])
     return pd.DataFrame({f"base_prob_{c}": probs[:, k].numpy() for k, c in enumerate(classes)}).assign(
         image_id=list(image_ids))
 

@@ -137,6 +137,10 @@ def test_poisoned_test_texts_change_nothing(tmp_path):
     again = mm.train_image_text(Run(tmp_path / "clean"), config, pairs, cache, 0.5, 0.25, CLASSES,
                                 image_encoder=copy.deepcopy(encoder))
     pd.testing.assert_frame_equal(mm.predict(again.model, cache, test_ids, 32, 0.5, 0.25, CLASSES), outputs[0])
+    # Predictions are made in eval mode whatever the caller's mode was, and the caller's mode is given back.
+    again.model.train()
+    pd.testing.assert_frame_equal(mm.predict(again.model, cache, test_ids, 32, 0.5, 0.25, CLASSES), outputs[0])
+    assert again.model.training
     assert set(outputs[0]["retrieved_text"]) <= set(pairs.loc[pairs["split"] == "train", "text"])
 
 
