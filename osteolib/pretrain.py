@@ -117,6 +117,21 @@ def find_checkpoint(run: Run, scenario: str, backbone: str) -> Path:
                                 f"{WRITTEN_BY.get(scenario, '?')}; run that first. ({err})") from None
 
 
+def checkpoint_patch_size(checkpoint: str | Path) -> int | None:
+    """The patch (ViT) or masking-grid (CNN) size a pretraining checkpoint was trained with; None when unrecorded."""
+    saved = models.read_checkpoint(checkpoint)
+    recorded = ((saved.get("meta") or {}).get("config") or {}).get("patch_size")
+    recorded = recorded if recorded is not None else (saved.get("config") or {}).get("patch_size")
+    return int(recorded) if recorded is not None else None
+
+
+def chest_patch_size(run: Run, backbone: str) -> int:
+    """Notebook 01's patch / masking-grid size for ``backbone``, read from its chest-MAE checkpoint: the default of
+    the later stages, which must mask on the same grid (and, for the ViT, embed the same patches)."""
+    size = checkpoint_patch_size(find_checkpoint(run, "chest_mae", backbone))
+    return size if size is not None else DEFAULT_PATCH[backbone]
+
+
 def build_model(config: PretrainConfig) -> nn.Module:
     """The pretraining model of a stage, freshly initialised from ``config.seed``.
 
@@ -165,6 +180,14 @@ def pretrain(run: Run, config: PretrainConfig, manifest: pd.DataFrame, cache: An
     if check_images is not None:
         _require_image_pairs(check_images, "check_images")
     init = find_checkpoint(run, config.init_scenario, config.backbone) if config.init_scenario else None
+    if init is not None and (config.objective == "masked" or config.backbone == "vit_small"):
+        # the ViT's patch embedding must fit; a CNN's masking grid would load silently on another size, and the
+        # grid decides whether the model reads the image or learns a template (profiles/real.yaml)
+        saved = checkpoint_patch_size(init)
+        if saved is not None and saved != config.patch_size:
+            raise ValueError(f"{config.scenario} ({config.backbone}): patch_size={config.patch_size}, but its starting "
+                             f"checkpoint {init} was trained with patch_size={saved} (notebook 01's); pass "
+                             f"patch_size={saved}, or None in notebooks 02 and 03, which reads it from that checkpoint")
     train_ids = manifest.loc[manifest["split"] == "train", "image_id"].tolist()
     valid_ids = manifest.loc[manifest["split"] == "val", "image_id"].tolist()
     if not train_ids:

@@ -79,6 +79,20 @@ def test_a_second_stage_without_its_chest_checkpoint_names_the_notebook(data, tm
         pretrain.pretrain(run, stage("chest_mae+rotation", "densenet121"), target, cache, 0.5, 0.25, quiet=True)
 
 
+def test_later_stages_mask_on_the_chest_stages_grid(data, tmp_path):
+    # A DenseNet's masking grid loads silently on any size, and the grid decides template or image (real profile):
+    # a later stage on another grid is refused before training; notebooks 02/03 read 01's grid from its checkpoint.
+    run = runs.new_run("test", root=tmp_path)
+    models.save_encoder_checkpoint(models.MaskedDenseNet(img_size=SIZE, patch_size=8),
+                                   run.checkpoints / "chest_mae" / "densenet121.pt")
+    assert pretrain.chest_patch_size(run, "densenet121") == 8
+    target, cache = data["target"]
+    with pytest.raises(ValueError, match="patch_size=16, but its starting checkpoint .* patch_size=8"):
+        pretrain.pretrain(run, stage("chest_mae+target_mae_random", "densenet121"), target, cache, 0.5, 0.25,
+                          quiet=True)
+    assert not (run.checkpoints / "chest_mae+target_mae_random").exists()  # refused before any training
+
+
 @pytest.mark.parametrize("scenario", ["chest_mae", "chest_mae+rotation"])
 def test_a_stage_model_is_built_from_its_seed_whatever_the_generator_state(scenario):
     def weights(model):
