@@ -45,7 +45,9 @@ WRITTEN_BY = {"chest_mae": "01_chest_mae", "chest_mae+target_mae_random": "02_sh
 # the mask ratio of each objective when the notebook leaves it unset: the study's 0.9 for the ViT MAE; SimMIM's
 # 0.6 for the CNN, whose receptive fields see through small masked patches less easily
 DEFAULT_MASK_RATIO = {"vit_small": 0.9, "densenet121": 0.6}
-DEFAULT_PATCH = {"vit_small": 16, "densenet121": 32}
+# the CNN masks on a 16-px grid, not on its 32-px stride (SimMIM's grid at 192 px): at 128 px a 32-px grid leaves
+# 4 x 4 patches, too coarse to predict from each other, and the real chest pool's DenseNet learned a template on it
+DEFAULT_PATCH = {"vit_small": 16, "densenet121": 16}
 
 
 @dataclass
@@ -55,7 +57,7 @@ class PretrainConfig:
     scenario: str
     backbone: str
     image_size: int = 128
-    patch_size: int | None = None  # ViT patch / masking patch; None: 16 for the ViT, 32 for the CNN
+    patch_size: int | None = None  # ViT patch / the CNN's masking grid; None: 16 (DEFAULT_PATCH)
     mask_ratio: float | None = None  # None: 0.9 for the ViT MAE, 0.6 for the masked CNN
     norm_pix_loss: bool = True
     crop_mode: str = "random"  # "random" | "center" | "none"

@@ -24,8 +24,10 @@ statistics and re-estimates the running values within a few dozen steps (momentu
 ``load_pretrained`` records a note saying so. Evaluate a masked-CNN encoder only after fine-tuning
 (or after re-estimating the statistics on unmasked images), never straight from pretraining.
 
-Default mask ratio 0.6 with 32-pixel patches (SimMIM's choice): a CNN sees the token values
-everywhere, so very high ratios leave too little context at this resolution.
+Default mask ratio 0.6 with 32-pixel patches (SimMIM's choice at 192 px): a CNN sees the token values
+everywhere, so very high ratios leave too little context at this resolution. The pretraining stages
+(``osteolib.pretrain``) mask on a 16-pixel grid instead: at 128 px the 32-pixel grid leaves 4 x 4
+patches, and on the real chest pool the model learned a template on it.
 """
 from __future__ import annotations
 
