@@ -61,8 +61,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from . import finetune, stats, synthetic
-from .models import eval_mode
 from .data import SeededLoader, SeededSampler, XrayDataset, make_dataloaders
+from .models import eval_mode
 from .train import TrainConfig, fit
 from .transforms import crop_policy
 
