@@ -465,6 +465,13 @@ def build_model(config: FinetuneConfig, run: Run, num_classes: int = 2) -> tuple
     (:func:`use_stage_layer_decay`).
     """
     checkpoint, kwargs = classifier_architecture(config, run)
+    return _build_classifier(config, checkpoint, kwargs, num_classes)
+
+
+def _build_classifier(config: FinetuneConfig, checkpoint: Path | None, kwargs: dict[str, Any],
+                      num_classes: int) -> tuple[nn.Module, Any]:
+    """:func:`build_model` from :func:`classifier_architecture`'s answer (so a caller that keeps it reads the
+    checkpoint's options once)."""
     what = f"scenario {config.scenario!r} for backbone {config.backbone!r}"
     # torch seeds its generator randomly at start-up, so an unseeded build gives every process another
     # initialisation (a random-init model, and a pretrained encoder's new head): seed the build itself.
@@ -541,7 +548,7 @@ def check_finetune_inputs(config: FinetuneConfig, run: Run, manifest: pd.DataFra
 
     # a missing or unfitting checkpoint is named before any model is built
     checkpoint, architecture = classifier_architecture(config, run)
-    model, report = build_model(config, run, num_classes=len(classes))
+    model, report = _build_classifier(config, checkpoint, architecture, num_classes=len(classes))
     return FinetuneInputs(classes=classes, train_ids=train_ids, train_targets=train_targets,
                           val_ids=splits["val"][0], val_targets=splits["val"][1],
                           test_ids=splits["test"][0], test_targets=splits["test"][1],

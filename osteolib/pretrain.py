@@ -120,10 +120,9 @@ def find_checkpoint(run: Run, scenario: str, backbone: str) -> Path:
 
 
 def checkpoint_patch_size(checkpoint: str | Path) -> int | None:
-    """The patch (ViT) or masking-grid (CNN) size a pretraining checkpoint was trained with; None when unrecorded."""
-    saved = models.read_checkpoint(checkpoint)
-    recorded = ((saved.get("meta") or {}).get("config") or {}).get("patch_size")
-    recorded = recorded if recorded is not None else (saved.get("config") or {}).get("patch_size")
+    """The patch (ViT) or masking-grid (CNN) size a masked-model checkpoint was trained with (its model config);
+    None when unrecorded."""
+    recorded = (models.read_checkpoint(checkpoint).get("config") or {}).get("patch_size")
     return int(recorded) if recorded is not None else None
 
 

@@ -401,7 +401,8 @@ def test_a_finetuned_model_loads_without_its_pretraining_checkpoint(tmp_path):
         shutil.copytree(trained.path / part, gathered.path / part)
     model, _, _ = finetune_module.load_finetuned(gathered, result.name)
     assert len(model.blocks) == 2
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in result.model.state_dict().items())
+    reloaded_state = model.state_dict()
+    assert all(torch.equal(v, reloaded_state[k]) for k, v in result.model.state_dict().items())
 
     # a summary from before the record: the default architecture is tried, and the strict load refuses it by name
     del summary["architecture"]
