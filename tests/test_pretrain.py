@@ -183,3 +183,31 @@ def test_the_template_check_runs_every_epoch_of_a_masked_stage_and_a_resumed_run
                           check_images=images)
     with pytest.raises(ValueError, match="every must be >= 1"):
         pretrain.TemplateCheckCallback(result.model, images, written, every=0)
+
+
+def test_the_memorisation_check_trains_a_copy_on_a_few_images_until_it_draws_them(data, tmp_path):
+    # the synthetic shoulders differ from each other more than the synthetic chests, so a copy can memorise them
+    target, cache = data["target"]
+    run = runs.new_run("test", root=tmp_path)
+    stage_result = pretrain.pretrain(run, stage("chest_mae", "vit_small", mask_ratio=0.5), target, cache, 0.5, 0.25,
+                                     quiet=True)
+    weights = {k: v.clone() for k, v in stage_result.model.state_dict().items()}
+    check = pretrain.memorisation_check(run, stage_result, target, cache, 0.5, 0.25, n_images=4, steps=60,
+                                        steps_per_epoch=20, base_lr=0.05)
+    table = check.table()
+    gap = table["own"] - table["other"]  # what the predictions say about *their* image beyond any image
+    assert gap["memorised images, before"] < 0.1 and gap["memorised images, after"] > 0.2, table
+    assert gap["held-out images, after"] < 0.1, table  # memorising is not learning
+    assert list(table.index) == ["memorised images, before", "memorised images, after", "held-out images, before",
+                                 "held-out images, after"]
+    assert not set(check.held_out_ids) & set(check.image_ids) and len(check.image_ids) == 4
+    assert check.fit.history["epoch"].tolist() == [0, 1, 2]
+    assert all(torch.equal(v, weights[k]) for k, v in stage_result.model.state_dict().items())  # stage untouched
+    assert (run.checkpoints / "chest_mae" / "vit_small_memorisation" / "history.csv").exists()
+    with pytest.raises(FileExistsError, match="already ran the memorisation check"):
+        pretrain.memorisation_check(run, stage_result, target, cache, 0.5, 0.25, n_images=4, steps=20,
+                                    steps_per_epoch=20)
+    with pytest.raises(ValueError, match="positive multiple of steps_per_epoch"):
+        pretrain.memorisation_check(run, stage_result, target, cache, 0.5, 0.25, steps=30, steps_per_epoch=20)
+    with pytest.raises(ValueError, match="n_images=100 needs at least that many training images"):
+        pretrain.memorisation_check(run, stage_result, target, cache, 0.5, 0.25, n_images=100)
