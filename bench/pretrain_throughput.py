@@ -3,7 +3,7 @@
     .venv/bin/python bench/pretrain_throughput.py [--images 256] [--epochs 2] [--size 128] [--out bench/results]
 
 For the ViT-S MAE (mask 0.9) and the DenseNet121 masked model (mask 0.6) at the given size, trains on cached
-synthetic shoulder images through ``osteolib.train.fit`` (the same loaders, callbacks and checkpointing as the
+synthetic shoulder images through ``osteolib.engine.loop`` (the same loaders, callbacks and checkpointing as the
 notebooks) and records images/s and the share of wall time spent waiting for data (from the history the fit path
 writes; the first epoch is reported separately because it includes warm-up). Writes one JSON file per invocation,
 never overwriting an earlier one, with the machine's state (threads, load average) so numbers can be compared.
@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch
 
-from osteolib import models, synthetic
-from osteolib.cache import ImageCache
+from osteolib import models
+from osteolib.data import synthetic
+from osteolib.data import ImageCache
 from osteolib.data import make_dataloaders
-from osteolib.manifest import read_manifest
-from osteolib.train import TrainConfig, cpu_supports_bf16, fit
-from osteolib.transforms import crop_policy
+from osteolib.data import read_manifest
+from osteolib.engine import TrainConfig, cpu_supports_bf16, fit
+from osteolib.data import crop_policy
 
 
 def build_model(name: str, size: int) -> torch.nn.Module:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .paths import REPO_ROOT
+from osteolib.paths import REPO_ROOT
 
 SUBFOLDERS = ("notebooks", "figures", "tables", "data", "checkpoints", "predictions", "logs")
 RUN_DIR_ENV = "OSTEOLIB_RUN_DIR"

@@ -48,6 +48,8 @@ import timm
 import torch
 from torch import nn
 
+from osteolib.utils import eval_mode, size_pair
+
 CHECKPOINT_KINDS = ("mae", "masked_cnn", "rotation", "multiscale", "backbone")
 
 
@@ -606,25 +608,6 @@ def _grid_from_config(config: Mapping[str, Any]) -> list[int] | None:
         height, width = size_pair(kwargs["img_size"], "img_size")
         return [height // kwargs["patch_size"], width // kwargs["patch_size"]]
     return None  # timm then assumes a square grid
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` in eval mode inside the block (BatchNorm statistics frozen, dropout off), its own mode back after,
-    also when the block raises: figures, checks and predictions must not change a model that is still training."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-def size_pair(size: int | tuple[int, int] | list[int], what: str) -> tuple[int, int]:
-    pair = (size, size) if isinstance(size, int) else tuple(size)
-    if len(pair) != 2 or not all(isinstance(s, int) and s > 0 for s in pair):
-        raise ValueError(f"{what} must be a positive int or a (height, width) pair, got {size!r}")
-    return pair  # type: ignore[return-value]
 
 
 def _short(keys: list[str], limit: int = 8) -> str:

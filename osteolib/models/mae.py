@@ -30,7 +30,7 @@ from timm.layers import LayerNorm, PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from osteolib.models.backbones import eval_mode, size_pair
+from osteolib.utils import eval_mode, size_pair
 
 # ViT-small's shape: a MAE with these values corresponds to create_backbone("vit_small").
 VIT_SMALL = dict(embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0)

@@ -26,7 +26,7 @@ statistics and re-estimates the running values within a few dozen steps (momentu
 
 Default mask ratio 0.6 with 32-pixel patches (SimMIM's choice at 192 px): a CNN sees the token values
 everywhere, so very high ratios leave too little context at this resolution. The pretraining stages
-(``osteolib.pretrain``) mask on a 16-pixel grid instead: at 128 px the 32-pixel grid leaves 4 x 4
+(``osteolib.stages.pretrain``) mask on a 16-pixel grid instead: at 128 px the 32-pixel grid leaves 4 x 4
 patches, and on the real chest pool the model learned a template on it.
 """
 from __future__ import annotations
@@ -36,7 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from osteolib.models.backbones import size_pair, backbone_spec, create_backbone
+from osteolib.models.backbones import backbone_spec, create_backbone
+from osteolib.utils import size_pair
 from osteolib.models.mae import (
     masked_patch_loss,
     num_visible,

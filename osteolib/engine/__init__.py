@@ -1,0 +1,68 @@
+"""Layer 3, engine: one training path (``fit``) for every stage, and its distributed (DDP) support."""
+from __future__ import annotations
+
+from osteolib.engine import loop
+from osteolib.engine.loop import (
+    TrainConfig,
+    PrecisionChoice,
+    FitResult,
+    cpu_supports_bf16,
+    choose_precision,
+    lr_at_step,
+    param_groups,
+    model_loss,
+    fit,
+    load_checkpoint,
+    load_weights,
+    CHECKPOINT_LAST,
+    FINAL,
+    BEST,
+)
+from osteolib.engine import distributed
+from osteolib.engine.distributed import (
+    DistributedContext,
+    context,
+    is_main_process,
+    init_process_group,
+    ShardedSeededSampler,
+    shard_train_loader,
+    DistributedDataParallelCallback,
+    process_seed,
+    convert_sync_batchnorm,
+    all_reduce_sum,
+    broadcast_path,
+    barrier,
+    destroy_process_group,
+)
+
+__all__ = [
+    "loop",
+    "distributed",
+    "TrainConfig",
+    "PrecisionChoice",
+    "FitResult",
+    "cpu_supports_bf16",
+    "choose_precision",
+    "lr_at_step",
+    "param_groups",
+    "model_loss",
+    "fit",
+    "load_checkpoint",
+    "load_weights",
+    "CHECKPOINT_LAST",
+    "FINAL",
+    "BEST",
+    "DistributedContext",
+    "context",
+    "is_main_process",
+    "init_process_group",
+    "ShardedSeededSampler",
+    "shard_train_loader",
+    "DistributedDataParallelCallback",
+    "process_seed",
+    "convert_sync_batchnorm",
+    "all_reduce_sum",
+    "broadcast_path",
+    "barrier",
+    "destroy_process_group",
+]
