@@ -1,7 +1,9 @@
 """osteolib: the support library of the osteoporosis X-ray study.
 
-Imports flow one way: data (io, manifest, splits, cache, synthetic) -> models -> training
--> explain/stats -> report -> runner.
+One folder per layer; imports only point down (tests/test_layers.py checks it, docs/architecture.md explains it):
+
+    leaves (study, runs, paths, utils, plotting) -> data -> models -> engine -> evaluation -> explain -> stages
+    -> report -> cli
 """
 import os as _os
 
