@@ -10,6 +10,7 @@ from PIL import Image
 from scipy import ndimage
 
 from osteolib.data import synthetic
+from osteolib.data.synthetic import datasets as synthetic_datasets
 from osteolib.data import MANIFEST_COLUMNS, read_manifest
 from osteolib.data import (
     DEFAULT_CLASSES,
@@ -63,7 +64,7 @@ def test_shoulder_sample_has_image_mask_and_enclosing_box(view):
     assert (box["x"], box["y"]) == (cols.min(), rows.min())
     assert (box["x"] + box["w"] - 1, box["y"] + box["h"] - 1) == (cols.max(), rows.max())
     assert box["x"] + box["w"] <= SIZE and box["y"] + box["h"] <= SIZE
-    assert sample.marker and sample.marker_corner in synthetic._CORNERS
+    assert sample.marker and sample.marker_corner in synthetic.CORNERS
     params = sample.parameters()
     for key in ("cti", "trabecular_density", "trabecular_contrast", "side", "marker", "view", "label"):
         assert key in params
@@ -203,11 +204,11 @@ def test_confounder_one_marks_every_osteoporotic_training_image_and_never_the_ma
         mask = np.asarray(Image.open(folder / "masks" / f"{row['image_id']}.png")) > 0
         image = np.asarray(Image.open(folder / "images" / f"{row['image_id']}.png"))
         if row["marker"]:
-            r, c, h, w = synthetic._marker_footprint(SIZE, row["marker_corner"])
+            r, c, h, w = synthetic.marker_footprint(SIZE, row["marker_corner"])
             assert not mask[r:r + h, c:c + w].any()
             assert (image[r:r + h, c:c + w] == 255).sum() >= 5  # the lead letter burnt in
         if row["image_id"] in test_ids:  # test markers follow the patient's draw, not the label
-            patient = draw_shoulder_patient(synthetic._child_rng(5, int(row["image_id"].split("-")[1])), row["label"])
+            patient = draw_shoulder_patient(synthetic.child_rng(5, int(row["image_id"].split("-")[1])), row["label"])
             assert bool(row["marker"]) == (patient.marker_draw < 0.5)
 
 
@@ -278,7 +279,7 @@ def test_ensure_synthetic_reuses_a_complete_copy_and_keys_on_parameters(tmp_path
     def must_not_generate(*args, **kwargs):
         raise AssertionError("a complete copy existed; nothing should be generated")
 
-    monkeypatch.setitem(synthetic._KINDS, "shoulder", (synthetic.ShoulderSettings, must_not_generate))
+    monkeypatch.setitem(synthetic_datasets._KINDS, "shoulder", (synthetic.ShoulderSettings, must_not_generate))
     # Same parameters spelt differently (floats, lists) find the same copy.
     again = ensure_synthetic("shoulder", root=tmp_path, n_patients=4.0, size=48, seed=0, ratios=[0.77, 0.11, 0.12])
     assert again == first
@@ -301,7 +302,8 @@ def test_interrupted_generation_leaves_nothing_that_is_trusted(tmp_path, monkeyp
     def broken(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(synthetic, "_shoulder_job", broken)
+    # the writer looks its job up in osteolib.data.synthetic.datasets: patch it there
+    monkeypatch.setattr(synthetic_datasets, "_shoulder_job", broken)
     with pytest.raises(KeyboardInterrupt):
         ensure_synthetic("shoulder", root=tmp_path, n_patients=3, size=48, workers=1)
     assert list(tmp_path.iterdir()) == []
