@@ -1,0 +1,65 @@
+"""Statistics for comparing pretraining scenarios: DeLong, McNemar, Wilson, bootstrap, Holm, mixed models.
+
+Everything works on plain arrays and on two kinds of per-image tables, so this package depends on no other
+part of osteolib:
+
+* a **prediction table**: one row per (run, image) with ``image_id, label, target, prob_<class>...,
+  split, scenario, backbone, seed`` and optionally ``threshold`` (the run's decision threshold);
+* an **agreement table**: one row per (run, image, CAM method) with ``image_id, scenario, backbone, seed,
+  method`` and measure columns (``hit, energy_in_region, iou, dice, auc_region`` ...).
+
+Per run: AUC with a DeLong CI and accuracy with a Wilson CI (:func:`auc_table`). Per pair of runs on the
+same test images: paired DeLong and McNemar tests with effect sizes, Holm-adjusted over the whole family
+(:func:`compare_scenarios`, worded by :func:`significance_summary`). Across seeds: a linear mixed model
+with seed as the grouping factor, or OLS with seed as a fixed factor where that is the better choice
+(:func:`mixed_model`); per-image agreement between scenarios with the image as the grouping factor
+(:func:`agreement_model`).
+
+DeLong is implemented here (the fast midrank algorithm of Sun & Xu 2014, IEEE Signal Processing Letters
+21:1389) because no maintained library provides it; the tests check it against scikit-learn's AUC and a
+direct O(n²) computation of the structural components. McNemar, Wilson, Holm, the mixed models and the
+bootstrap are statsmodels' and scipy's.
+
+One idea per module: :mod:`.intervals` (Wilson, bootstrap), :mod:`.delong`, :mod:`.mcnemar`, :mod:`.multiple`
+(Holm), :mod:`.views` (a run of a prediction table as the tests see it), :mod:`.comparisons` (per-run table and
+paired comparisons), :mod:`.summary` (the comparisons in words) and :mod:`.mixed` (models across seeds and images).
+Everything the single ``stats`` module offered is re-exported here, so attribute use such as ``stats.delong_auc(...)``
+keeps working.
+"""
+from __future__ import annotations
+
+from osteolib.evaluation.stats.comparisons import COMPARISON_COLUMNS, auc_table, compare_scenarios
+from osteolib.evaluation.stats.delong import AUCResult, PairedResult, delong_auc, delong_paired
+from osteolib.evaluation.stats.intervals import BootstrapResult, bootstrap_ci, critical_z, wilson_ci
+from osteolib.evaluation.stats.mcnemar import MCNEMAR_EXACT_BELOW, McNemarResult, mcnemar_paired
+from osteolib.evaluation.stats.mixed import FEW_GROUPS, ModelResult, agreement_model, mixed_model
+from osteolib.evaluation.stats.multiple import HolmResult, holm
+from osteolib.evaluation.stats.summary import significance_summary
+from osteolib.evaluation.stats.views import DEFAULT_THRESHOLD, PROB_PREFIX, RUN_KEYS
+
+__all__ = [
+    "COMPARISON_COLUMNS",
+    "auc_table",
+    "compare_scenarios",
+    "AUCResult",
+    "PairedResult",
+    "delong_auc",
+    "delong_paired",
+    "BootstrapResult",
+    "bootstrap_ci",
+    "critical_z",
+    "wilson_ci",
+    "MCNEMAR_EXACT_BELOW",
+    "McNemarResult",
+    "mcnemar_paired",
+    "FEW_GROUPS",
+    "ModelResult",
+    "agreement_model",
+    "mixed_model",
+    "HolmResult",
+    "holm",
+    "significance_summary",
+    "DEFAULT_THRESHOLD",
+    "PROB_PREFIX",
+    "RUN_KEYS",
+]
