@@ -3,7 +3,7 @@
 The encoder is a ViT whose parameters carry timm ``VisionTransformer`` names (``cls_token``,
 ``pos_embed``, ``patch_embed.proj.*``, ``blocks.N.*``, ``norm.*``) so that it loads 1:1 into the
 fine-tuning ViT from ``create_backbone("vit_small")``; everything that exists only for
-pretraining is named ``decoder_*`` or ``mask_token`` (see ``backbones.PRETRAINING_LAYOUTS``).
+pretraining is named ``decoder_*`` or ``mask_token`` (as registered below; see ``osteolib.models.checkpoint``).
 Here ``pos_embed`` is a fixed sin-cos buffer; timm's ViT holds a learnable ``pos_embed`` of the
 same shape, so loading copies the table in as its starting value and fine-tuning may adapt it
 (a different patch grid is refused unless ``load_pretrained(..., resize_pos_embed=True)``).
@@ -15,211 +15,43 @@ ratio is 0.9: X-rays are more redundant than natural images (0.75 in the paper),
 hidden for the task to stay hard.
 
 ``mask_weights`` bias *which* patches are hidden (the "center crop" scenario concentrates masking
-on the diagnostic region). The patch mask helpers, patchify/unpatchify and the loss here are shared
-with the masked CNN (``masked_cnn.py``), so both pretraining models behave alike for the training
-loop and the figures.
+on the diagnostic region). The patch mask helpers, patchify/unpatchify and the loss are shared
+with the masked CNN (``masked_cnn.py``) through :mod:`osteolib.models.patches`, so both pretraining
+models behave alike for the training loop and the figures.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from timm.layers import LayerNorm, PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from osteolib.utils import eval_mode, size_pair
+from osteolib.models.patches import (
+    PatchMask,
+    masked_patch_loss,
+    normalise_patches,
+    num_visible,
+    patchify,
+    reconstruct_in_eval_mode,
+    sample_patch_mask,
+    sincos_pos_embed_2d,
+    unpatchify,
+)
+from osteolib.models.registry import register_model
+from osteolib.utils import size_pair
+
+# normalise_patches stays importable from here (osteolib.models.mae.normalise_patches / .patchify are used by
+# the pretraining stage and its tests); the patch helpers themselves live in osteolib.models.patches.
+__all__ = ["VIT_SMALL", "MaskedAutoencoderViT", "mae_vit_small", "normalise_patches", "patchify"]
+
 
 # ViT-small's shape: a MAE with these values corresponds to create_backbone("vit_small").
 VIT_SMALL = dict(embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0)
 
 
-def sincos_pos_embed_2d(embed_dim: int, grid_size: int | tuple[int, int], cls_token: bool = True) -> np.ndarray:
-    """Fixed 2-D sine-cosine position table, shape ``(cls + gh*gw, embed_dim)``, float32.
-
-    The first half of the channels encodes the patch row, the second half the column; each half
-    is ``[sin(pos * w_k), cos(pos * w_k)]`` for frequencies ``w_k = 10000^(-k / (D/4))``. Rows
-    follow the patch order of ``PatchEmbed`` (row-major). The class token's row is zero (it has
-    no position). Every patch row has squared norm ``D/2`` and the dot product of two rows depends
-    only on their offset, which is what makes the table position-*relative* for attention.
-    """
-    if embed_dim % 4:
-        raise ValueError(f"sincos_pos_embed_2d: embed_dim must be a multiple of 4, got {embed_dim}")
-    grid_h, grid_w = size_pair(grid_size, "grid_size")
-    quarter = embed_dim // 4
-    frequencies = 1.0 / 10000.0 ** (np.arange(quarter, dtype=np.float64) / quarter)
-    rows, cols = np.meshgrid(np.arange(grid_h, dtype=np.float64), np.arange(grid_w, dtype=np.float64), indexing="ij")
-
-    def encode(positions: np.ndarray) -> np.ndarray:
-        angles = np.outer(positions.reshape(-1), frequencies)
-        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
-
-    table = np.concatenate([encode(rows), encode(cols)], axis=1)
-    if cls_token:
-        table = np.concatenate([np.zeros((1, embed_dim)), table], axis=0)
-    return table.astype(np.float32)
-
-
-@dataclass(frozen=True)
-class PatchMask:
-    """Which patches a pretraining step hides.
-
-    ``mask`` (B, L) is 1.0 for hidden patches (to reconstruct) and 0.0 for visible ones;
-    ``ids_keep`` (B, K) are the visible patch indices; ``ids_restore`` (B, L) puts a sequence
-    ordered [visible..., hidden...] back into patch order.
-    """
-
-    mask: torch.Tensor
-    ids_keep: torch.Tensor
-    ids_restore: torch.Tensor
-
-
-def num_visible(num_patches: int, mask_ratio: float) -> int:
-    """Patches left visible: ``round(L * (1 - mask_ratio))``, at least one, and at least one hidden when
-    ``mask_ratio > 0`` (a step with nothing to reconstruct has no loss)."""
-    if not 0.0 <= mask_ratio < 1.0:
-        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-    if mask_ratio > 0 and num_patches < 2:
-        raise ValueError(f"cannot mask {num_patches} patch(es): use a smaller patch_size or a larger image")
-    most = num_patches - 1 if mask_ratio > 0 else num_patches
-    return max(1, min(most, int(round(num_patches * (1.0 - mask_ratio)))))
-
-
-def sample_patch_mask(
-    batch_size: int,
-    num_patches: int,
-    mask_ratio: float,
-    *,
-    mask_weights: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-) -> PatchMask:
-    """Draw a random patch mask per sample, optionally biased by ``mask_weights``.
-
-    Without weights every patch is equally likely to be hidden (uniform noise, argsort). With
-    non-negative ``mask_weights`` of shape (B, L) or (L,), the hidden set is drawn without
-    replacement with probability proportional to the weights (Gumbel-top-k: the patches with the
-    largest ``log w + Gumbel noise`` are hidden), so heavily weighted patches (the diagnostic
-    region) are hidden first. Zero-weight patches are hidden only once every positive-weight patch
-    is. The noise comes from ``generator`` when given, so masks are reproducible.
-    """
-    keep = num_visible(num_patches, mask_ratio)
-    noise_device = generator.device if generator is not None else device
-    noise = torch.rand(batch_size, num_patches, generator=generator, device=noise_device)
-    if device is not None:
-        noise = noise.to(device)
-    if mask_weights is not None:
-        weights = torch.as_tensor(mask_weights, dtype=torch.float32, device=noise.device)
-        if weights.shape not in ((batch_size, num_patches), (num_patches,)):
-            raise ValueError(
-                f"mask_weights must have shape ({batch_size}, {num_patches}) or ({num_patches},) "
-                f"(one weight per patch), got {tuple(weights.shape)}"
-            )
-        if not torch.isfinite(weights).all() or (weights < 0).any():
-            raise ValueError("mask_weights must be finite and non-negative")
-        gumbel = -torch.log(-torch.log(noise.clamp(1e-12, 1.0 - 1e-7)))
-        # The floor keeps zero weights finite: they sort after every positive weight (a gap of ~28
-        # nats in log space) but stay randomly ordered among themselves instead of by index.
-        noise = torch.log(weights.clamp_min(1e-12)).expand(batch_size, num_patches) + gumbel
-    ids_shuffle = torch.argsort(noise, dim=1)  # ascending: low scores stay visible, high scores are hidden
-    ids_restore = torch.argsort(ids_shuffle, dim=1)
-    mask = torch.ones(batch_size, num_patches, device=noise.device)
-    mask[:, :keep] = 0.0
-    mask = torch.gather(mask, 1, ids_restore)
-    return PatchMask(mask=mask, ids_keep=ids_shuffle[:, :keep], ids_restore=ids_restore)
-
-
-def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, L, p*p*C), patches in row-major order, pixels (row, col, channel) inside."""
-    batch, channels, height, width = imgs.shape
-    if height % patch_size or width % patch_size:
-        raise ValueError(f"image size {height}x{width} is not a multiple of patch_size {patch_size}")
-    grid_h, grid_w = height // patch_size, width // patch_size
-    x = imgs.reshape(batch, channels, grid_h, patch_size, grid_w, patch_size)
-    x = torch.einsum("bchpwq->bhwpqc", x)
-    return x.reshape(batch, grid_h * grid_w, patch_size * patch_size * channels)
-
-
-def unpatchify(
-    patches: torch.Tensor, patch_size: int, grid_size: int | tuple[int, int], channels: int = 1
-) -> torch.Tensor:
-    """Inverse of :func:`patchify`: (B, L, p*p*C) -> (B, C, gh*p, gw*p)."""
-    grid_h, grid_w = size_pair(grid_size, "grid_size")
-    batch, length, dim = patches.shape
-    if length != grid_h * grid_w or dim != patch_size * patch_size * channels:
-        raise ValueError(
-            f"patches of shape {tuple(patches.shape)} do not fit a {grid_h}x{grid_w} grid of "
-            f"{patch_size}x{patch_size}x{channels} patches"
-        )
-    x = patches.reshape(batch, grid_h, grid_w, patch_size, patch_size, channels)
-    x = torch.einsum("bhwpqc->bchpwq", x)
-    return x.reshape(batch, channels, grid_h * patch_size, grid_w * patch_size)
-
-
-def normalise_patches(patches: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-patch standardised pixels and the (mean, std) used, for normalised-target losses."""
-    mean = patches.mean(dim=-1, keepdim=True)
-    std = (patches.var(dim=-1, keepdim=True) + eps).sqrt()
-    return (patches - mean) / std, mean, std
-
-
-def masked_patch_loss(
-    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix_loss: bool, loss: str = "l2"
-) -> torch.Tensor:
-    """Mean per-patch error over the hidden patches only (visible patches contribute nothing).
-
-    Computed in float32 whatever the autocast precision, so bf16 training keeps an exact loss.
-    ``norm_pix_loss`` standardises each target patch first: the model then learns local structure
-    (edges, trabecular texture) rather than the patch's brightness, as in the MAE paper.
-    """
-    pred, target = pred.float(), target.float()
-    if norm_pix_loss:
-        target = normalise_patches(target)[0]
-    if loss == "l2":
-        per_patch = (pred - target).pow(2).mean(dim=-1)
-    elif loss == "l1":
-        per_patch = (pred - target).abs().mean(dim=-1)
-    else:
-        raise ValueError(f"loss must be 'l1' or 'l2', got {loss!r}")
-    return (per_patch * mask).sum() / mask.sum()
-
-
-def reconstruction_panels(
-    imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix_loss: bool, fill: float = 0.0
-) -> dict[str, torch.Tensor]:
-    """Images for a reconstruction figure, each (B, C, H, W) in the input's pixel space.
-
-    ``original``; ``masked`` (hidden patches set to ``fill``); ``reconstruction`` (every patch as
-    predicted); ``pasted`` (visible patches from the original, hidden ones predicted); ``mask``
-    (B, 1, H, W), 1 where hidden. With normalised targets the prediction is mapped back with each
-    original patch's own mean and std (the model never predicts those; this is for display only), so
-    ``pasted``'s coarse brightness comes from the hidden patches themselves; ``prediction`` is the model's
-    own output on the hidden patches alone (standardised per patch with normalised targets, visible
-    patches 0): what the model has learnt, with nothing taken from the hidden original.
-    """
-    imgs = imgs.float()
-    channels, height, width = imgs.shape[1:]
-    grid = (height // patch_size, width // patch_size)
-    target = patchify(imgs, patch_size)
-    pred = pred.float()
-    hidden = mask[..., None].float()
-    own = unpatchify(pred * hidden, patch_size, grid, channels)
-    if norm_pix_loss:
-        _, mean, std = normalise_patches(target)
-        pred = pred * std + mean
-    mask_img = unpatchify(hidden.expand(-1, -1, patch_size * patch_size), patch_size, grid, 1)
-    return {
-        "original": imgs,
-        "masked": unpatchify(target * (1 - hidden) + fill * hidden, patch_size, grid, channels),
-        "reconstruction": unpatchify(pred, patch_size, grid, channels),
-        "pasted": unpatchify(target * (1 - hidden) + pred * hidden, patch_size, grid, channels),
-        "prediction": own,
-        "mask": mask_img,
-    }
-
-
+@register_model("mae", encoder_prefix="", pretraining_keys=("decoder_", "mask_token"))
 class MaskedAutoencoderViT(nn.Module):
     """MAE with a timm-named ViT encoder and a light transformer decoder, for any image/patch size.
 
@@ -229,7 +61,6 @@ class MaskedAutoencoderViT(nn.Module):
     fixed 2-D sin-cos tables (buffers, not learned), so they are the same whatever the data.
     """
 
-    checkpoint_kind = "mae"
     backbone_name = "vit_small"
 
     def __init__(
@@ -392,26 +223,8 @@ class MaskedAutoencoderViT(nn.Module):
         mask_weights: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Figure panels (see :func:`reconstruction_panels`) plus ``loss``, computed in eval mode."""
+        """Figure panels (see ``patches.reconstruction_panels``) plus ``loss``, computed in eval mode."""
         return reconstruct_in_eval_mode(self, imgs, mask_ratio, mask_weights, generator)
-
-
-def reconstruct_in_eval_mode(
-    model: nn.Module,
-    imgs: torch.Tensor,
-    mask_ratio: float | None = None,
-    mask_weights: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-) -> dict[str, torch.Tensor]:
-    """Figure panels from one masked forward pass of a pretraining model (MAE or masked CNN).
-
-    Runs in eval mode, so BatchNorm statistics are not updated by a figure, and restores the mode.
-    """
-    with eval_mode(model), torch.no_grad():
-        loss, pred, mask = model(imgs, mask_ratio=mask_ratio, mask_weights=mask_weights, generator=generator)
-        panels = reconstruction_panels(imgs, pred, mask, model.patch_size, model.norm_pix_loss)
-    panels["loss"] = loss
-    return panels
 
 
 def mae_vit_small(img_size: int | tuple[int, int] = 128, patch_size: int = 16, **kw: Any) -> MaskedAutoencoderViT:

@@ -37,8 +37,7 @@ import torch
 from torch import nn
 
 from osteolib.models.backbones import backbone_spec, create_backbone
-from osteolib.utils import size_pair
-from osteolib.models.mae import (
+from osteolib.models.patches import (
     masked_patch_loss,
     num_visible,
     patchify,
@@ -46,8 +45,11 @@ from osteolib.models.mae import (
     sample_patch_mask,
     unpatchify,
 )
+from osteolib.models.registry import register_model
+from osteolib.utils import size_pair
 
 
+@register_model("masked_cnn", encoder_prefix="encoder.", pretraining_keys=("decoder.", "mask_token"))
 class MaskedCNN(nn.Module):
     """A ``create_backbone`` CNN with a SimMIM head: ``forward(imgs, ...) -> (loss, pred, mask)``.
 
@@ -55,8 +57,6 @@ class MaskedCNN(nn.Module):
     ``norm_pix_loss``), ``mask`` (B, L) is 1 where a patch was hidden; the loss (``"l1"``, SimMIM's
     choice, or ``"l2"``) covers hidden patches only.
     """
-
-    checkpoint_kind = "masked_cnn"
 
     def __init__(
         self,
@@ -162,7 +162,7 @@ class MaskedCNN(nn.Module):
         mask_weights: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Figure panels (see ``mae.reconstruction_panels``) plus ``loss``, computed in eval mode."""
+        """Figure panels (see ``patches.reconstruction_panels``) plus ``loss``, computed in eval mode."""
         return reconstruct_in_eval_mode(self, imgs, mask_ratio, mask_weights, generator)
 
 

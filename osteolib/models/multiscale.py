@@ -35,7 +35,9 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from osteolib.models.backbones import LoadReport, create_backbone, load_pretrained
+from osteolib.models.backbones import create_backbone
+from osteolib.models.checkpoint import LoadReport, load_pretrained
+from osteolib.models.registry import register_model
 
 DENSE_BLOCKS = ("denseblock1", "denseblock2", "denseblock3", "denseblock4")
 DEFAULT_BLOCKS = ("denseblock2", "denseblock3", "denseblock4")
@@ -68,6 +70,8 @@ class LayerRelevance(nn.Module):
         return torch.softmax(self.logits, dim=0)
 
 
+# Not a pretraining model: "pretraining_keys" are its heads, new at fine-tuning like a backbone's classifier.
+@register_model("multiscale", encoder_prefix="backbone.", pretraining_keys=("scale_heads.", "relevance."))
 class MultiScaleDenseNet(nn.Module):
     """DenseNet121 with one GAP + linear classifier per tapped dense block and learned convex scale weights.
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from osteolib.models.backbones import create_backbone
+from osteolib.models.registry import register_model
 
 NUM_ROTATIONS = 4  # k * 90 degrees, k = 0..3
 
@@ -43,13 +44,12 @@ def rotate_batch(imgs: torch.Tensor, generator: torch.Generator | None = None) -
     return rotated, targets
 
 
+@register_model("rotation", encoder_prefix="backbone.", pretraining_keys=("rotation_head.",))
 class RotationClassifier(nn.Module):
     """A ``create_backbone`` encoder (``backbone``) with a 4-way linear ``rotation_head``.
 
     ``forward(x) -> logits (B, 4)``; :meth:`pretext_loss` rotates a batch and scores it in one step.
     """
-
-    checkpoint_kind = "rotation"
 
     def __init__(
         self, backbone_name: str, img_size: int | tuple[int, int] = 128, in_chans: int = 1, **backbone_kwargs: Any
