@@ -47,7 +47,7 @@ KERNEL_NAME = "osteolib"
 
 
 def _results_tables(run: runs.Run) -> None:
-    from osteolib.stages.finetune import write_results_tables
+    from osteolib.report import write_results_tables
 
     for name, path in write_results_tables(run).items():
         print(f"osteo: {name}: {path}", flush=True)
