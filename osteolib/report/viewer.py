@@ -8,10 +8,10 @@ recomputes it in fp32 only for an image without a saved prediction). The logic l
 widgets only call it. Each (scenario, backbone) shows the model of the lowest seed (and largest label
 fraction) of the run; models are loaded once and kept.
 
-:func:`copy_paper_figures` copies the figures a paper uses from a run folder into the repository's
-top-level ``figures/<run name>/``. It lives here, beside the viewer, because both only *show* what a
-run produced; it would sit equally well in :mod:`osteolib.runs` (the run-folder layout). It never
-overwrites: a second copy of the same run is an error, so figures/ keeps every earlier run's copy.
+:func:`copy_paper_figures` puts the figures a paper uses from a run folder into the repository's top-level
+``figures/``, replacing the earlier run's copies of the same figures (git keeps the history; a growing archive of
+every run's copies is not what a reader of the repository needs), and records the run in ``figures/SOURCE.md``.
+It lives here, beside the viewer, because both only *show* what a run produced.
 """
 from __future__ import annotations
 
@@ -178,23 +178,28 @@ def cam_viewer(run: Run, manifest: pd.DataFrame, cache: Any, mean: float, std: f
 
 def copy_paper_figures(run: Run, patterns: Sequence[str] = PAPER_FIGURES,
                        destination: str | Path | None = None) -> list[Path]:
-    """Copy the run's figures matching ``patterns`` into ``<destination>/<run folder name>/`` (default the
-    repository's ``figures/``); returns the copies. Raises FileExistsError if that folder exists (an earlier
-    copy is never overwritten) and FileNotFoundError if nothing matches (before creating anything)."""
+    """Copy the run's figures matching ``patterns`` into ``destination`` (default the repository's ``figures/``),
+    replacing the files there that match the same patterns (the earlier run's set), and write ``SOURCE.md`` naming
+    the run; returns the copies. Raises FileNotFoundError if nothing in the run matches (before touching
+    ``destination``). Files of other patterns (e.g. notebook 01's figures) are left as they are."""
     source = run.path / "figures"
     files = sorted(p for p in source.glob("*") if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in patterns))
     if not files:
         raise FileNotFoundError(f"no figure in {source} matches {list(patterns)}: run the notebooks that draw them")
     target = Path(destination) if destination is not None else REPO_ROOT / "figures"
-    target = target / run.path.name
-    if target.exists():
-        raise FileExistsError(f"{target} exists: figures of run {run.path.name} were copied before; copies are "
-                              f"never overwritten (delete that folder by hand to copy again)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.partial")
+    target.mkdir(parents=True, exist_ok=True)
+    staging = target / f".{run.path.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    for path in files:
+    for path in files:  # copy first: a failed copy leaves the earlier set whole
         shutil.copy2(path, staging / path.name)
-    staging.rename(target)  # all or nothing: a half-finished copy never looks like a finished one
+    for old in target.iterdir():
+        if old.is_file() and any(fnmatch.fnmatch(old.name, pat) for pat in patterns):
+            old.unlink()
+    for path in files:
+        (staging / path.name).rename(target / path.name)
+    staging.rmdir()
+    (target / "SOURCE.md").write_text(
+        f"The figures matching {', '.join(f'`{pat}`' for pat in patterns)} here come from run `{run.path.name}` "
+        f"(its run.json holds the profile, parameters and git commit).\n")
     return [target / p.name for p in files]

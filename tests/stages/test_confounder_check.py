@@ -162,16 +162,22 @@ def test_viewer_update_draws_the_chosen_model_map_and_probability(tiny_check):
     plt.close("all")
 
 
-def test_copy_paper_figures_never_overwrites(tmp_path):
-    run = Run(tmp_path / "20990101-000000-smoke")
-    for name in ("05_gradcam_overlays.png", "05_randomisation.pdf", "label_efficiency.png", "02_loss.png"):
-        (run.figures / name).write_bytes(b"x")
-    copies = viewer.copy_paper_figures(run, destination=tmp_path / "figures")
-    assert sorted(p.name for p in copies) == ["05_gradcam_overlays.png", "05_randomisation.pdf", "label_efficiency.png"]
-    assert all(p.parent == tmp_path / "figures" / run.path.name and p.is_file() for p in copies)
-    with pytest.raises(FileExistsError, match="never overwritten"):
-        viewer.copy_paper_figures(run, destination=tmp_path / "figures")
+def test_copy_paper_figures_replaces_the_earlier_set(tmp_path):
+    figures = tmp_path / "figures"
+    first = Run(tmp_path / "20990101-000000-real")
+    for name in ("05_gradcam_overlays.png", "05_old_only.png", "label_efficiency.png", "02_loss.png"):
+        (first.figures / name).write_bytes(b"first")
+    copies = viewer.copy_paper_figures(first, destination=figures)
+    assert sorted(p.name for p in copies) == ["05_gradcam_overlays.png", "05_old_only.png", "label_efficiency.png"]
+    (figures / "01_chest_mae_vit_small_loss.png").write_bytes(b"stage 01")  # another pattern: kept
+    second = Run(tmp_path / "20990102-000000-real")
+    (second.figures / "05_gradcam_overlays.png").write_bytes(b"second")
+    viewer.copy_paper_figures(second, destination=figures)
+    assert sorted(p.name for p in figures.iterdir()) == ["01_chest_mae_vit_small_loss.png", "05_gradcam_overlays.png",
+                                                          "SOURCE.md"]
+    assert (figures / "05_gradcam_overlays.png").read_bytes() == b"second"
+    assert "20990102-000000-real" in (figures / "SOURCE.md").read_text()
     empty = Run(tmp_path / "other")
     with pytest.raises(FileNotFoundError, match="matches"):
-        viewer.copy_paper_figures(empty, destination=tmp_path / "figures")
-    assert not (tmp_path / "figures" / "other").exists()
+        viewer.copy_paper_figures(empty, destination=figures)
+    assert (figures / "05_gradcam_overlays.png").read_bytes() == b"second"
