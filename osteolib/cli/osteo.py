@@ -28,6 +28,7 @@ one (:func:`osteolib.runs.gather_runs`) and runs the step's ``after`` collection
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -365,9 +366,17 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+# Commands with a module of their own in osteolib.cli: name -> (module, help). Each module has
+# add_arguments(parser) and run(args) -> exit status; it is imported only when its command runs.
+COMMANDS: dict[str, tuple[str, str]] = {
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="osteo", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        importlib.import_module(module).add_arguments(sub.add_parser(name, help=help_text))
     run_p = sub.add_parser("run", help="execute a profile's notebooks into a new run folder")
     run_p.add_argument("--profile", "-p", default="smoke", help="profile name (profiles/<name>.yaml) or a .yaml path")
     run_p.add_argument("--only", nargs="+", help="run only these notebooks (name or number prefix, e.g. 00)")
@@ -398,6 +407,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     try:
+        if args.command in COMMANDS:
+            return int(importlib.import_module(COMMANDS[args.command][0]).run(args))
         if args.command == "list":
             from osteolib.cli.profiles import PROFILES_DIR
 
