@@ -35,7 +35,7 @@ from osteolib.data import make_dataloaders
 from osteolib.runs import Run
 from osteolib.study import PRETRAINING_BACKBONES, SCENARIOS, WRITTEN_BY
 from osteolib.engine import FitResult, TrainConfig, fit
-from osteolib.data import Chain, RandomHorizontalFlip, RotationTargets, crop_policy
+from osteolib.data import Chain, RandomHorizontalFlip, RotationTargets, crop_policy, patch_weights
 
 # the mask ratio of each objective when the notebook leaves it unset: the study's 0.9 for the ViT MAE; SimMIM's
 # 0.6 for the CNN, whose receptive fields see through small masked patches less easily
@@ -93,11 +93,47 @@ class PretrainConfig:
         return None if self.scenario == "chest_mae" else "chest_mae"
 
     def train_config(self) -> TrainConfig:
+        if self.mask_region_bias < 0:  # checked where the engine's TrainConfig checked it before it moved here
+            raise ValueError(f"invalid TrainConfig: mask_region_bias must be >= 0 (got {self.mask_region_bias!r})")
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, base_lr=self.base_lr,
                            warmup_epochs=float(self.warmup_epochs),
                            weight_decay=self.weight_decay, seed=self.seed, precision=self.precision,
-                           mask_region_bias=self.mask_region_bias,
                            monitor="valid_loss")
+
+    def fit_settings(self) -> dict[str, Any]:
+        """The stage's own options that change the weights beyond :meth:`train_config`: ``fit`` records them in
+        its checkpoints and checks them on resume."""
+        return {"mask_region_bias": self.mask_region_bias}
+
+
+class RegionMaskInputs(nn.Module):
+    """Adapts region-aware batches ``(image, region)`` to a masking model: with ``bias`` > 0 the region becomes
+    ``mask_weights`` (:func:`osteolib.data.patch_weights` on the ``patch_size`` grid), so masks favour the
+    diagnostic region; with 0 the model just gets the image. No parameters of its own: checkpoints save the
+    wrapped model (``fit(adapt_model=...)``).
+    """
+
+    def __init__(self, model: nn.Module, patch_size: int | None, bias: float):
+        super().__init__()
+        self.model, self.patch_size, self.bias = model, patch_size, float(bias)
+
+    def forward(self, image: torch.Tensor, region: torch.Tensor) -> Any:
+        if self.bias > 0:
+            return self.model(image, mask_weights=patch_weights(region, self.patch_size, self.bias))
+        return self.model(image)
+
+
+def region_mask_adapter(config: PretrainConfig, region_aware: bool, loss_func: Any = None):
+    """``fit``'s ``adapt_model`` for a stage that biases its masks toward the region (None without a bias)."""
+    if config.mask_region_bias <= 0:
+        return None
+    if not region_aware:
+        raise ValueError("mask_region_bias > 0 needs region masks in the batches: build the loaders with "
+                         "make_dataloaders(..., region_aware=True)")
+    if loss_func is not None:
+        raise ValueError("mask_region_bias applies to masking models that compute their own loss "
+                         "(loss_func=None); set it to 0 for a model trained with a loss_func")
+    return lambda model: RegionMaskInputs(model, config.patch_size, config.mask_region_bias)
 
 
 def checkpoint_path(run: Run, scenario: str, backbone: str) -> Path:
@@ -216,7 +252,7 @@ def pretrain(run: Run, config: PretrainConfig, manifest: pd.DataFrame, cache: An
         checks.append(TemplateCheckCallback(model, check_images, template_table, every=check_every, seed=config.seed))
     result = fit(model, dls, config.train_config(), out_dir, loss_func=loss_func, metrics=metrics,
                  stage=f"pretrain:{config.scenario}", quiet=quiet, resume=resume, cbs=checks,
-                 patch_size=config.patch_size if config.mask_region_bias > 0 else None)
+                 adapt_model=region_mask_adapter(config, region_aware, loss_func), settings=config.fit_settings())
     models.save_encoder_checkpoint(model, target, meta={"scenario": config.scenario, "config": _plain(config),
                                                         "init": str(init) if init else None,
                                                         "train_images": len(train_ids)})
@@ -412,7 +448,8 @@ def memorisation_check(run: Run, stage: PretrainResult, manifest: pd.DataFrame, 
     whole = Chain([crop_policy("none", config.image_size)])
     dls = make_dataloaders(cache, image_ids * steps_per_epoch, held_out, train_transform=whole,
                            valid_transform=whole, batch_size=n_images, seed=config.seed, mean=mean, std=std)
-    result = fit(model, dls, memorise.train_config(), out_dir, stage=f"memorisation:{config.scenario}", quiet=quiet)
+    result = fit(model, dls, memorise.train_config(), out_dir, stage=f"memorisation:{config.scenario}", quiet=quiet,
+                 settings=memorise.fit_settings())
     return MemorisationResult(model, image_ids, held_out, before, check(images), held_out_before,
                               check(held_out_images), result)
 

@@ -12,8 +12,8 @@ from fastai.callback.core import Callback
 from fastai.metrics import accuracy
 from torch import nn
 
-import osteolib.engine.loop as train_module
-from osteolib.data import XrayDataset, make_dataloaders, split_targets
+import osteolib.engine.precision as precision_module
+from osteolib.data import XrayDataset, make_dataloaders, patch_weights, split_targets
 from osteolib.engine import (
     BEST,
     CHECKPOINT_LAST,
@@ -162,10 +162,10 @@ def test_layer_decay_groups_from_timm():
 
 
 def test_precision_choice(monkeypatch):
-    monkeypatch.setattr(train_module, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(precision_module, "cpu_supports_bf16", lambda: True)
     choice = choose_precision("cpu")
     assert (choice.name, choice.autocast_dtype, choice.grad_scaler) == ("bf16", torch.bfloat16, False)
-    monkeypatch.setattr(train_module, "cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr(precision_module, "cpu_supports_bf16", lambda: False)
     assert choose_precision("cpu").name == "fp32"
     assert choose_precision("cpu", "bf16").name == "bf16"  # an explicit request is honoured (emulated)
     with pytest.raises(ValueError, match="fp16"):
@@ -184,11 +184,11 @@ def test_channels_last_rules():
     cnn, vit_like = _cnn(), nn.Sequential(nn.Conv2d(1, 4, 8, stride=8), nn.Flatten(), nn.Linear(64, 2))
     bf16 = choose_precision("cpu", "bf16")
     fp32 = choose_precision("cpu", "fp32")
-    assert train_module._use_channels_last(cnn, "auto", bf16) is True
-    assert train_module._use_channels_last(cnn, "auto", fp32) is False
-    assert train_module._use_channels_last(vit_like, "auto", bf16) is False
-    assert train_module._use_channels_last(cnn, True, fp32) is True
-    assert train_module._use_channels_last(cnn, False, bf16) is False
+    assert precision_module.use_channels_last(cnn, "auto", bf16) is True
+    assert precision_module.use_channels_last(cnn, "auto", fp32) is False
+    assert precision_module.use_channels_last(vit_like, "auto", bf16) is False
+    assert precision_module.use_channels_last(cnn, True, fp32) is True
+    assert precision_module.use_channels_last(cnn, False, bf16) is False
 
 
 def test_model_loss_mode():
@@ -366,29 +366,55 @@ class _TinyMaskedModel(nn.Module):
         return loss, pred, mask
 
 
+class _RegionWeights(nn.Module):
+    """A stage's input adapter (as pretraining's): the batch's region becomes the model's mask_weights."""
+
+    def __init__(self, model, bias):
+        super().__init__()
+        self.model, self.bias = model, bias
+
+    def forward(self, image, region):
+        return self.model(image, mask_weights=patch_weights(region, 8, self.bias))
+
+
+def _region_weights(bias):
+    return lambda model: _RegionWeights(model, bias)
+
+
 def test_self_supervised_region_biased_resume(cache, tmp_path):
-    cfg = _config(lr=1e-3, mask_region_bias=3.0, monitor="valid_loss")
+    cfg = _config(lr=1e-3, monitor="valid_loss")
+    biased = dict(adapt_model=_region_weights(3.0), settings={"mask_region_bias": 3.0})
 
     def loaders():
         return _dls(cache, region_aware=True, crop="center")
 
-    full = fit(_TinyMaskedModel(), loaders(), cfg, tmp_path / "full", stage="pretrain", quiet=True)
+    full = fit(_TinyMaskedModel(), loaders(), cfg, tmp_path / "full", stage="pretrain", quiet=True, **biased)
     weights = torch.cat(full.model.seen_weights)
     assert weights.max() > 1.5 and torch.allclose(weights.mean(1), torch.ones(len(weights)))  # biased, mean 1
     with pytest.raises(_Interrupted):
         fit(_TinyMaskedModel(), loaders(), cfg, tmp_path / "cut", stage="pretrain", quiet=True,
-            cbs=[_InterruptAt(epoch=1, batch=2)])
+            cbs=[_InterruptAt(epoch=1, batch=2)], **biased)
     with pytest.raises(ValueError, match="stage"):
-        fit(_TinyMaskedModel(), loaders(), cfg, tmp_path / "cut", stage="finetune", quiet=True, resume=True)
-    resumed = fit(_TinyMaskedModel(), loaders(), cfg, tmp_path / "cut", stage="pretrain", quiet=True, resume=True)
+        fit(_TinyMaskedModel(), loaders(), cfg, tmp_path / "cut", stage="finetune", quiet=True, resume=True, **biased)
+    # the settings are part of the recorded config: another bias does not resume the run
+    with pytest.raises(ValueError, match="mask_region_bias"):
+        fit(_TinyMaskedModel(), loaders(), cfg, tmp_path / "cut", stage="pretrain", quiet=True, resume=True,
+            adapt_model=_region_weights(1.0), settings={"mask_region_bias": 1.0})
+    resumed = fit(_TinyMaskedModel(), loaders(), cfg, tmp_path / "cut", stage="pretrain", quiet=True, resume=True,
+                  **biased)
     assert _same_weights(full.model, resumed.model)
-    with pytest.raises(ValueError, match="region_aware=True"):
-        fit(_TinyMaskedModel(), _dls(cache), cfg, tmp_path / "plain", quiet=True)
+    assert load_checkpoint(tmp_path / "cut" / FINAL)["config"]["mask_region_bias"] == 3.0
+    with pytest.raises(ValueError, match="TrainConfig fields"):
+        fit(_TinyMaskedModel(), loaders(), cfg, tmp_path / "clash", quiet=True, settings={"seed": 1})
+    # region-aware data without an adapter: the model gets the image alone
+    plain = fit(_TinyMaskedModel(), loaders(), cfg, tmp_path / "plain", quiet=True)
+    assert torch.equal(torch.cat(plain.model.seen_weights), torch.ones_like(torch.cat(plain.model.seen_weights)))
 
 
 def test_real_mae_through_fit(cache, tmp_path):
     models = pytest.importorskip("osteolib.models")
-    cfg = _config(epochs=2, base_lr=1.5e-4 * 64, lr=None, mask_region_bias=2.0, precision="auto")
+    cfg = _config(epochs=2, base_lr=1.5e-4 * 64, lr=None, precision="auto")
+    biased = dict(adapt_model=lambda model: _RegionWeights(model, 2.0), settings={"mask_region_bias": 2.0})
 
     def mae():
         torch.manual_seed(0)
@@ -396,11 +422,11 @@ def test_real_mae_through_fit(cache, tmp_path):
                                            decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2,
                                            mask_ratio=0.75)
 
-    full = fit(mae(), _dls(cache, region_aware=True), cfg, tmp_path / "full", stage="pretrain", quiet=True)
+    full = fit(mae(), _dls(cache, region_aware=True), cfg, tmp_path / "full", stage="pretrain", quiet=True, **biased)
     assert np.isfinite(full.history["train_loss"]).all() and full.history["valid_loss"].notna().all()
     with pytest.raises(_Interrupted):
         fit(mae(), _dls(cache, region_aware=True), cfg, tmp_path / "cut", stage="pretrain", quiet=True,
-            cbs=[_InterruptAt(epoch=1, batch=0)])
+            cbs=[_InterruptAt(epoch=1, batch=0)], **biased)
     resumed = fit(mae(), _dls(cache, region_aware=True), cfg, tmp_path / "cut", stage="pretrain", quiet=True,
-                  resume=True)
+                  resume=True, **biased)
     assert _same_weights(full.model, resumed.model)
