@@ -5,7 +5,9 @@ image file, which would otherwise leak one image into two splits). Within each l
 the patients are shuffled with the seed and cut by the ratios with largest-remainder rounding.
 The split is saved as a CSV so that every later notebook uses exactly the same one, and
 :func:`check_no_leakage` fails loudly on any patient or identical image in two splits.
-:func:`near_duplicates` lists perceptually similar images (phash) for the audit.
+:func:`near_duplicates` lists perceptually similar images (phash) for the audit. Copies of one radiograph
+(found by :mod:`osteolib.data.duplicates`) follow a policy: :func:`group_copies` before the split joins
+them into one patient group, :func:`check_copies` after it stops on (or reports) copies in two splits.
 """
 from __future__ import annotations
 
@@ -349,3 +351,82 @@ def _unit_strata(df: pd.DataFrame, units: list[int]) -> dict[str, list[int]]:
         label = sorted(lbl for lbl, c in counter.items() if c == most)[0]
         strata.setdefault(label, []).append(unit)
     return strata
+
+
+# --------------------------------------------------------------------------------------------------
+# Copies of one radiograph (pairs from osteolib.data.duplicates.find_copies): the split policy
+# --------------------------------------------------------------------------------------------------
+
+COPY_POLICIES = ("stop", "group", "ignore")
+
+
+def group_copies(df: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
+    """A copy of the manifest where copies of one radiograph share one patient group, so that
+    :func:`patient_split` keeps them in one split. Call it BEFORE the split.
+
+    Patients joined by a copy pair (transitively: union-find over the pairs) get the group id
+    ``min(patient ids)`` in ``patient_id``; the original id is kept in ``patient_id_original``
+    (a manifest grouped before keeps its first originals).
+    """
+    out = df.copy()
+    if "patient_id_original" not in out.columns:
+        out["patient_id_original"] = out["patient_id"].astype(str)
+    patient_of = dict(zip(out["image_id"].astype(str), out["patient_id"].astype(str)))
+    unknown = sorted({i for i in pd.concat([pairs["image_id_a"], pairs["image_id_b"]]).astype(str)} - set(patient_of))
+    if unknown:
+        raise SplitError(f"{len(unknown)} image id(s) of the copy pairs are not in the manifest: {unknown[:10]}; "
+                         "find the copies on this manifest (find_copies(manifest, ...)) and group it")
+    parent = {p: p for p in patient_of.values()}
+
+    def root(p: str) -> str:
+        while parent[p] != p:
+            parent[p] = parent[parent[p]]
+            p = parent[p]
+        return p
+
+    for a, b in zip(pairs["image_id_a"].astype(str), pairs["image_id_b"].astype(str)):
+        ra, rb = root(patient_of[a]), root(patient_of[b])
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)  # the smallest id names the group: independent of pair order
+    out["patient_id"] = [root(p) for p in out["patient_id"].astype(str)]
+    return out
+
+
+def copies_across_splits(df: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
+    """The copy pairs whose two images sit in different splits, with file names and splits."""
+    split_of = dict(zip(df["image_id"].astype(str), df["split"].astype(str)))
+    path_of = dict(zip(df["image_id"].astype(str), df["path"].astype(str))) if "path" in df.columns else {}
+    rows = []
+    for pair in pairs.itertuples(index=False):
+        a, b = str(pair.image_id_a), str(pair.image_id_b)
+        if split_of.get(a) != split_of.get(b):
+            rows.append({"image_id_a": a, "image_id_b": b, "split_a": split_of.get(a, "?"),
+                         "split_b": split_of.get(b, "?"), "file_a": Path(path_of.get(a, a)).name,
+                         "file_b": Path(path_of.get(b, b)).name, "score": getattr(pair, "score", float("nan"))})
+    return pd.DataFrame(rows, columns=["image_id_a", "image_id_b", "split_a", "split_b", "file_a", "file_b", "score"])
+
+
+def check_copies(df: pd.DataFrame, pairs: pd.DataFrame, policy: str = "stop") -> pd.DataFrame:
+    """Apply the copy policy AFTER the split; returns the copy pairs that cross splits.
+
+    ``stop`` (default) raises :class:`LeakageError` naming every crossing pair (files and splits);
+    ``group`` expects :func:`group_copies` to have run before the split, so a crossing pair is an
+    error too (e.g. the data brought its own split); ``ignore`` only reports.
+    """
+    if policy not in COPY_POLICIES:
+        raise SplitError(f"near_duplicates={policy!r}: use one of {COPY_POLICIES}")
+    crossing = copies_across_splits(df, pairs)
+    if policy == "ignore" or crossing.empty:
+        return crossing
+    lines = [f"{r.file_a} ({r.split_a}) and {r.file_b} ({r.split_b}), score {r.score:.3f}"
+             for r in crossing.itertuples(index=False)]
+    shown = "\n  ".join(lines[:50]) + (f"\n  ... and {len(lines) - 50} more" if len(lines) > 50 else "")
+    if policy == "group":
+        remedy = ("copies were grouped before the split, yet some cross it: the data brings its own split "
+                  "(which grouping cannot change) or the pairs were found on another manifest. Re-split with "
+                  "patient_split(..., keep_existing=False), or set `near_duplicates: ignore` in the profile.")
+    else:
+        remedy = ("set `near_duplicates: group` in the profile to put copies in one patient group before the "
+                  "split, or `near_duplicates: ignore` to accept them (the test score will be inflated).")
+    raise LeakageError(f"{len(lines)} pair(s) of copies of one radiograph sit in different splits:\n  {shown}\n"
+                       f"What to do: {remedy}")
