@@ -5,6 +5,9 @@ from __future__ import annotations
 # the initialisations the fine-tuning grid compares; "random" needs no checkpoint
 SCENARIOS = ("random", "chest_mae", "chest_mae+target_mae_random", "chest_mae+target_mae_center",
              "chest_mae+rotation")
+# a fine-tuning run from weights the user brings (FinetuneConfig.init_checkpoint); not a pretraining scenario of the grid
+OWN_CHECKPOINT = "own_checkpoint"
+FINETUNE_SCENARIOS = SCENARIOS + (OWN_CHECKPOINT,)
 PRETRAINING_BACKBONES = ("vit_small", "densenet121")
 # the pretraining scenario each pretraining notebook trains (notebook 02: its crop_mode decides)
 NOTEBOOK_SCENARIO = {"01_chest_mae": "chest_mae", "02_shoulder_mae": "chest_mae+target_mae_{crop_mode}",

@@ -30,6 +30,14 @@ A checkpoint is a dict saved with ``torch.save``::
 :func:`load_pretrained` moves the encoder of any such checkpoint into any model built here and
 refuses (``CheckpointMismatchError``) rather than loading part of it: a missing encoder key, an
 unexpected key or a shape mismatch is an error; the fresh classifier head is reported, not an error.
+
+It also reads weights a user brings (a fine-tuning run's ``init_checkpoint``): a timm-format state dict
+(``torch.save(model.state_dict())``, e.g. ImageNet weights) or a published medical-MAE checkpoint
+(``{"model": state_dict, ...}``, an MAE pretraining state with ``decoder_*`` / ``mask_token`` is read as
+kind ``mae``). Files are always read with ``torch.load(weights_only=True)`` (only ``argparse.Namespace``, which
+MAE's training script stores as ``args``, is allowed besides tensors and containers). A 3-channel (RGB) stem
+is folded to the model's 1 channel by summing its kernels over the input channels (timm's
+``adapt_input_conv``), with a note in the :class:`LoadReport`.
 """
 from __future__ import annotations
 
@@ -126,10 +134,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"checkpoint {path} does not exist; pretraining checkpoints are written by the pretraining stage "
             "(save_encoder_checkpoint into <run>/checkpoints/<scenario>/<backbone>.pt): run it first or fix the path"
         )
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated file, pickle of arbitrary objects, not a torch file
-        raise ValueError(f"checkpoint {path} cannot be read as a torch checkpoint: {err}") from err
+    checkpoint = _read_weights_file(path)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), Mapping):
         raise ValueError(f"checkpoint {path} is not an osteolib checkpoint (a dict with 'state_dict', 'kind', 'arch')")
     if checkpoint.get("kind") not in CHECKPOINT_KINDS:
@@ -137,6 +142,23 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if checkpoint.get("arch") not in BACKBONES:
         raise ValueError(f"checkpoint {path} has arch {checkpoint.get('arch')!r}; expected one of {sorted(BACKBONES)}")
     return checkpoint
+
+
+def _read_weights_file(path: Path) -> Any:
+    """``torch.load`` without running pickled code (``weights_only=True``), tensors on the CPU."""
+    import argparse
+
+    try:
+        # MAE's training script saves its argparse.Namespace as "args"; it only holds plain values.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated file, pickle of arbitrary objects, not a torch file
+        reason = str(err)
+        if "WeightsUnpickler error:" in reason:  # torch's advice to load unsafely is not repeated here
+            reason = reason.split("WeightsUnpickler error:")[1].split("\n")[0].strip()
+        raise ValueError(f"checkpoint {path} cannot be read as a torch checkpoint: {reason}; only tensors, "
+                         f"containers of them and plain values are read (weights_only=True): re-save the "
+                         f"weights with torch.save(model.state_dict(), path)") from err
 
 
 def save_encoder_checkpoint(
@@ -275,6 +297,7 @@ def load_pretrained(
             )
             notes.append(f"pos_embed resampled from {tuple(old.shape)} to {tuple(new.shape)} (bicubic)")
 
+    _fold_rgb_stems(ck_encoder, target_encoder, target_state, notes)
     load_extra = ck.kind == target_kind and (target_kind != "backbone" or load_head)
     to_load: dict[str, torch.Tensor] = {}
     missing: list[str] = []
@@ -328,7 +351,7 @@ def _as_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], kind: str)
     notes: list[str] = []
     if isinstance(checkpoint, (str, os.PathLike)):
         source = str(checkpoint)
-        checkpoint = read_checkpoint(checkpoint)
+        checkpoint = _read_any_file(Path(checkpoint))
     else:
         source = "<in-memory checkpoint>"
     if not isinstance(checkpoint, Mapping):
@@ -345,7 +368,10 @@ def _as_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], kind: str)
         ck_kind, arch, config, state = ("backbone" if kind == "auto" else kind), None, {}, checkpoint
         if "model" in state and isinstance(state["model"], Mapping):
             state = state["model"]
-            notes.append("unwrapped the 'model' entry (fastai save format)")
+            notes.append("unwrapped the 'model' entry (fastai / MAE save format)")
+        if kind == "auto" and any(k == "mask_token" or k.startswith("decoder_") for k in state):
+            ck_kind = "mae"
+            notes.append("read as an MAE pretraining state dict (it holds mask_token / decoder_*)")
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"checkpoint {source}: the state dict holds non-tensor values; is it a state dict?")
     state = dict(state)
@@ -356,6 +382,30 @@ def _as_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], kind: str)
     if arch is not None and arch not in BACKBONES:
         raise ValueError(f"checkpoint {source} has arch {arch!r}; expected one of {sorted(BACKBONES)}")
     return _Checkpoint(kind=ck_kind, arch=arch, state_dict=state, config=config, source=source, notes=notes)
+
+
+def _read_any_file(path: Path) -> Any:
+    """An osteolib checkpoint (checked by :func:`read_checkpoint`) or any other weights file, read safely."""
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist: fix the path")
+    content = _read_weights_file(path)
+    if isinstance(content, Mapping) and "state_dict" in content and "kind" in content:
+        return read_checkpoint(path)
+    return content
+
+
+def _fold_rgb_stems(ck_encoder: dict[str, torch.Tensor], target_encoder: Mapping[str, str],
+                    target_state: Mapping[str, torch.Tensor], notes: list[str]) -> None:
+    """Sum the RGB kernels of a 3-channel stem over the input channels where the model's stem takes 1 channel
+    (timm's ``adapt_input_conv``: a grey image fed as R=G=B gives the same response)."""
+    from timm.models import adapt_input_conv
+
+    for name, target_key in target_encoder.items():
+        stored, wanted = ck_encoder.get(name), target_state[target_key]
+        if stored is not None and stored.dim() == 4 and wanted.dim() == 4 and stored.shape[1] == 3 \
+                and wanted.shape[1] == 1 and stored.shape[0] == wanted.shape[0] and stored.shape[2:] == wanted.shape[2:]:
+            ck_encoder[name] = adapt_input_conv(1, stored)
+            notes.append(f"{name}: 3-channel (RGB) kernels summed over the input channels for 1-channel images")
 
 
 def _shape_mismatch(key: str, stored: torch.Tensor, wanted: torch.Tensor) -> str:

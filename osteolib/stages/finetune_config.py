@@ -6,14 +6,16 @@ are the field checks, shared with the label-fraction subsample (:mod:`osteolib.s
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from osteolib import models
 from osteolib.engine import TrainConfig
-from osteolib.study import SCENARIOS
+from osteolib.study import FINETUNE_SCENARIOS, OWN_CHECKPOINT
 
 __all__ = ["FinetuneConfig", "run_name", "MONITOR", "THRESHOLD_METHODS", "PRECISIONS"]
 
@@ -35,6 +37,10 @@ class FinetuneConfig:
     ``patch_size`` (ViT only): None takes the pretraining checkpoint's, else 16. ``mixup`` / ``cutmix``
     are the Beta-distribution alphas of timm's Mixup (0 = off). ``layer_decay`` None (or 1.0) turns
     layer-wise decay off. ``threshold_method``: how the validation predictions fix the decision threshold.
+    ``init_checkpoint``: a weights file the user brings (timm state dict, medical-MAE ``{"model": ...}`` or an
+    osteolib checkpoint), used with ``scenario="own_checkpoint"`` and only with it; its existence is checked when
+    the run starts (:meth:`check_init_checkpoint`), not on construction, so a finished run stays loadable after
+    the file moved.
     """
 
     scenario: str
@@ -57,12 +63,15 @@ class FinetuneConfig:
     seed: int = 0
     precision: str = "auto"
     threshold_method: str = "youden"
+    init_checkpoint: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.crop_scale, (list, tuple)) and all(is_number(v) for v in self.crop_scale):
             self.crop_scale = tuple(float(v) for v in self.crop_scale)  # type: ignore[assignment]
         if isinstance(self.label_fraction, int) and not isinstance(self.label_fraction, bool):
             self.label_fraction = float(self.label_fraction)
+        if isinstance(self.init_checkpoint, os.PathLike):
+            self.init_checkpoint = os.fspath(self.init_checkpoint)
         self.validate()
 
     def validate(self) -> None:
@@ -73,7 +82,9 @@ class FinetuneConfig:
             if not ok:
                 problems.append(message)
 
-        need(self.scenario in SCENARIOS, f"scenario={self.scenario!r} is unknown; choose one of {list(SCENARIOS)}")
+        need(self.scenario in FINETUNE_SCENARIOS,
+             f"scenario={self.scenario!r} is unknown; choose one of {list(FINETUNE_SCENARIOS)}")
+        problems.extend(self._init_checkpoint_problems())
         need(self.backbone in models.BACKBONE_NAMES,
              f"backbone={self.backbone!r} is unknown; choose one of {list(models.BACKBONE_NAMES)}")
         need(is_int(self.image_size) and self.image_size >= 16,
@@ -117,6 +128,27 @@ class FinetuneConfig:
              f"threshold_method must be one of {THRESHOLD_METHODS} (got {self.threshold_method!r})")
         if problems:
             raise ValueError("invalid FinetuneConfig: " + "; ".join(problems))
+
+    def _init_checkpoint_problems(self) -> list[str]:
+        path = self.init_checkpoint
+        if path is not None and (not isinstance(path, str) or not path.strip()):
+            return [f"init_checkpoint must be None or the path of a weights file (got {path!r})"]
+        if self.scenario == OWN_CHECKPOINT and path is None:
+            return [f"scenario={OWN_CHECKPOINT!r} needs init_checkpoint=<path of the weights file to start from>"]
+        if path is not None and self.scenario != OWN_CHECKPOINT:
+            return [f"init_checkpoint={path!r} is given with scenario={self.scenario!r}: a run starts from one "
+                    f"initialisation; set scenario={OWN_CHECKPOINT!r} to start from this file, or drop init_checkpoint"]
+        return []
+
+    def check_init_checkpoint(self) -> Path | None:
+        """The ``init_checkpoint`` file (None when not set); FileNotFoundError naming it when it is not there."""
+        if self.init_checkpoint is None:
+            return None
+        path = Path(self.init_checkpoint).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"init_checkpoint={self.init_checkpoint!r}: no such file (resolved to "
+                                    f"{path.resolve()}); give the path of the weights file to start from")
+        return path
 
     @property
     def uses_mixing(self) -> bool:

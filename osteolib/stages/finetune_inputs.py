@@ -156,6 +156,8 @@ class FinetuneInputs:
 
 
 def _pretraining_checkpoint(config: FinetuneConfig, run: Run) -> Path | None:
+    if config.init_checkpoint is not None:
+        return config.check_init_checkpoint()
     if config.scenario == "random":
         return None
     arch = models.encoder_arch(config.backbone)
@@ -180,8 +182,8 @@ def classifier_architecture(config: FinetuneConfig, run: Run) -> tuple[Path | No
     checkpoint = _pretraining_checkpoint(config, run)
     kwargs: dict[str, Any] = {}
     what = f"scenario {config.scenario!r} for backbone {config.backbone!r}"
-    if checkpoint is not None:
-        saved = models.read_checkpoint(checkpoint)
+    saved = _osteolib_checkpoint(checkpoint, config)
+    if saved is not None:
         arch = models.encoder_arch(config.backbone)
         if saved["arch"] != arch:  # before its options are used to build a model they do not belong to
             raise models.CheckpointMismatchError(
@@ -208,6 +210,19 @@ def classifier_architecture(config: FinetuneConfig, run: Run) -> tuple[Path | No
     return checkpoint, kwargs
 
 
+def _osteolib_checkpoint(checkpoint: Path | None, config: FinetuneConfig) -> dict[str, Any] | None:
+    """The checkpoint's content when it is in osteolib's format (it then records its architecture options); None
+    for no checkpoint and for a user's plain weights file (timm state dict, medical MAE), read by load_pretrained."""
+    if checkpoint is None:
+        return None
+    if config.init_checkpoint is None:
+        return models.read_checkpoint(checkpoint)
+    try:
+        return models.read_checkpoint(checkpoint)
+    except ValueError:  # not osteolib's format (or unreadable: load_pretrained then says why)
+        return None
+
+
 def build_model(config: FinetuneConfig, run: Run, num_classes: int = 2) -> tuple[nn.Module, Any]:
     """The classifier of a run and the :class:`~osteolib.models.LoadReport` of its initialisation (None for
     ``random``), built as :func:`classifier_architecture` says. Layer-wise decay is set to count stages
@@ -229,7 +244,8 @@ def _build_classifier(config: FinetuneConfig, checkpoint: Path | None, kwargs: d
     report = None
     if checkpoint is not None:
         try:
-            report = models.load_pretrained(model, checkpoint)
+            # a user's weights (e.g. ImageNet at 224 px) may come from another patch grid: resample the ViT's table
+            report = models.load_pretrained(model, checkpoint, resize_pos_embed=config.init_checkpoint is not None)
         except models.CheckpointMismatchError as err:
             raise models.CheckpointMismatchError(f"{what}: the checkpoint {checkpoint} does not fit: {err}") from None
     if config.layer_decay not in (None, 1.0):
