@@ -195,7 +195,10 @@ def evaluate_runs(df: pd.DataFrame, threshold_method: str | None = "youden") -> 
 def with_validation_thresholds(df: pd.DataFrame, threshold_method: str = "youden") -> pd.DataFrame:
     """The prediction table with a ``threshold`` column: each run's decision threshold, chosen on that run's own
     validation rows (as :func:`evaluate_runs` does), so that test accuracy and McNemar tests downstream use the
-    validation-chosen operating point rather than 0.5."""
+    validation-chosen operating point rather than 0.5. Multi-class tables have no threshold (the prediction is the
+    most probable class) and come back without the column."""
+    if len(class_names(df)) != 2:
+        return df.drop(columns=["threshold"], errors="ignore")
     keys = run_columns(df)
     metrics = evaluate_runs(df, threshold_method=threshold_method)
     thresholds = metrics.loc[metrics["split"] == "val", [*keys, "threshold"]]

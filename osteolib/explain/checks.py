@@ -243,25 +243,34 @@ def agreement_ci(
     n_boot: int = 2000,
     alpha: float = 0.05,
     seed: int = 0,
+    cluster: str | None = None,
 ) -> pd.DataFrame:
     """Mean of each agreement measure per group with a percentile-bootstrap CI over images (long format).
 
     Rows: the ``by`` columns, ``measure``, ``n`` (scored images), ``mean``, ``ci_low``, ``ci_high``. The
     pointing-game mean is the hit rate. Groups with fewer than two scored images get a NaN interval.
+    ``cluster`` names a column (e.g. ``"patient_id"``): where a group holds several images of one patient, the
+    interval resamples patients with all their images (:func:`osteolib.evaluation.stats.cluster_bootstrap_ci`);
+    with one image per patient it is the same interval as without.
     """
     from osteolib.evaluation import stats
 
     by = list(by)
-    missing = [c for c in [*by, *measures, "note"] if c not in table.columns]
+    missing = [c for c in [*by, *measures, "note", *([cluster] if cluster else [])] if c not in table.columns]
     if missing:
         raise ValueError(f"agreement_ci: the table lacks columns {missing}; pass agreement_table's output "
                          f"(measures available: {[c for c in table.columns if c in AGREEMENT_MEASURES or c.startswith('iou_')]})")
     rows = []
     for key, group in table[table["note"] == ""].groupby(by, sort=True):
         for measure in measures:
-            values = group[measure].astype(float).dropna().to_numpy()
+            scored = group[group[measure].notna()]
+            values = scored[measure].astype(float).to_numpy()
             row = {**dict(zip(by, key if isinstance(key, tuple) else (key,))), "measure": measure, "n": len(values)}
-            if len(values) >= 2:
+            if len(values) >= 2 and cluster and not stats.one_per_cluster(scored[cluster].astype(str).to_numpy()):
+                ci = stats.cluster_bootstrap_ci(np.mean, scored[cluster].astype(str).to_numpy(), values,
+                                                n_boot=n_boot, seed=seed, alpha=alpha)
+                row.update(mean=ci.estimate, ci_low=ci.ci_low, ci_high=ci.ci_high)
+            elif len(values) >= 2:
                 ci = stats.bootstrap_ci(np.mean, values, n_boot=n_boot, seed=seed, alpha=alpha)
                 row.update(mean=ci.estimate, ci_low=ci.ci_low, ci_high=ci.ci_high)
             else:

@@ -21,23 +21,42 @@ direct O(n²) computation of the structural components. McNemar, Wilson, Holm, t
 bootstrap are statsmodels' and scipy's.
 
 One idea per module: :mod:`.intervals` (Wilson, bootstrap), :mod:`.delong`, :mod:`.mcnemar`, :mod:`.multiple`
-(Holm), :mod:`.views` (a run of a prediction table as the tests see it), :mod:`.comparisons` (per-run table and
+(Holm), :mod:`.clusters` (the patient cluster bootstrap), :mod:`.patients` (predictions averaged per patient),
+:mod:`.patient_tables` (per-run results and paired tests that count patients, not images), :mod:`.classes`
+(per-class one-vs-rest and macro AUCs, confusion counts), :mod:`.views` (a run of a prediction table as the tests see it), :mod:`.comparisons` (per-run table and
 paired comparisons), :mod:`.summary` (the comparisons in words) and :mod:`.mixed` (models across seeds and images).
 Everything the single ``stats`` module offered is re-exported here, so attribute use such as ``stats.delong_auc(...)``
 keeps working.
 """
 from __future__ import annotations
 
+from osteolib.evaluation.stats.classes import MACRO, class_auc_table, confusion_table
+from osteolib.evaluation.stats.clusters import ClusterBootstrapResult, cluster_bootstrap_ci, one_per_cluster
 from osteolib.evaluation.stats.comparisons import COMPARISON_COLUMNS, auc_table, compare_scenarios
 from osteolib.evaluation.stats.delong import AUCResult, PairedResult, delong_auc, delong_paired
 from osteolib.evaluation.stats.intervals import BootstrapResult, bootstrap_ci, critical_z, wilson_ci
 from osteolib.evaluation.stats.mcnemar import MCNEMAR_EXACT_BELOW, McNemarResult, mcnemar_paired
 from osteolib.evaluation.stats.mixed import FEW_GROUPS, ModelResult, agreement_model, mixed_model
 from osteolib.evaluation.stats.multiple import HolmResult, holm
+from osteolib.evaluation.stats.patient_tables import compare_patients, patient_auc_table
+from osteolib.evaluation.stats.patients import (PATIENT_COLUMN, images_per_patient, patient_predictions,
+                                                with_patients)
 from osteolib.evaluation.stats.summary import significance_summary
 from osteolib.evaluation.stats.views import DEFAULT_THRESHOLD, PROB_PREFIX, RUN_KEYS
 
 __all__ = [
+    "MACRO",
+    "class_auc_table",
+    "confusion_table",
+    "ClusterBootstrapResult",
+    "cluster_bootstrap_ci",
+    "one_per_cluster",
+    "compare_patients",
+    "patient_auc_table",
+    "PATIENT_COLUMN",
+    "images_per_patient",
+    "patient_predictions",
+    "with_patients",
     "COMPARISON_COLUMNS",
     "auc_table",
     "compare_scenarios",
