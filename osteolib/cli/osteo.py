@@ -369,6 +369,8 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
 # Commands with a module of their own in osteolib.cli: name -> (module, help). Each module has
 # add_arguments(parser) and run(args) -> exit status; it is imported only when its command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "predict": ("osteolib.cli.predict", "apply a trained model of a run to new X-rays"),
+    "init": ("osteolib.cli.init", "write a profile for a folder of X-rays"),
 }
 
 

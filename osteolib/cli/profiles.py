@@ -151,10 +151,11 @@ def notebook_parameters(notebook: str | os.PathLike) -> dict[str, Any]:
     return papermill.inspect_notebook(str(path))
 
 
-def check_profile(profile: Profile, injected: tuple[str, ...] = ("run_dir",)) -> None:
+def check_profile(profile: Profile, injected: tuple[str, ...] = ("run_dir",), data: bool = True) -> None:
     """Fail before anything runs if a step names a missing notebook or passes a parameter it does not declare.
 
-    Shared ``parameters`` are offered to every notebook and only passed to those that declare them.
+    Shared ``parameters`` are offered to every notebook and only passed to those that declare them. ``data``:
+    also check the specs of one's own data sets (:func:`check_datasets`: folders, tables, columns, patterns).
     """
     problems = []
     declared_anywhere: set[str] = set()
@@ -173,8 +174,66 @@ def check_profile(profile: Profile, injected: tuple[str, ...] = ("run_dir",)) ->
                             f"parameters cell (declared: {sorted(declared)})")
     for name in sorted(set(profile.parameters) - declared_anywhere - set(injected)):
         problems.append(f"shared parameter {name!r} is declared by none of the profile's notebooks")
+    if data:
+        problems += check_datasets(profile)
     if problems:
         raise ProfileError(f"profile {profile.source}:\n  " + "\n  ".join(problems))
+
+
+# Notebook parameters naming data sets: notebook -> (parameter, is it the target data set (one) or a pool (a list))
+DATASET_PARAMETERS = {"00_data_audit": ("dataset", True), "01_chest_mae": ("chest_datasets", False)}
+
+
+def check_datasets(profile: Profile) -> list[str]:
+    """Check every data set a profile names (built-in names and specs of one's own data) before anything runs.
+
+    Each problem reads ``profile <name>, step <notebook>, <place in the step>: <problem>. What to do: ...``; the
+    target's ``classes`` / ``positive_class`` / ``label_map`` are checked against a spec's classes too.
+    """
+    import json
+
+    from osteolib.data.audit import class_order
+    from osteolib.data.manifest import ManifestError
+    from osteolib.data.sources import check_dataset_spec, map_classes
+
+    problems: list[str] = []
+    seen: set[str] = set()
+    for step in profile.steps:
+        if step.notebook not in DATASET_PARAMETERS:
+            continue
+        name, target = DATASET_PARAMETERS[step.notebook]
+        for execution in step.executions(profile.parameters):
+            params = execution.parameters
+            if name not in params:
+                continue
+            value = params[name]
+            if target:
+                if isinstance(value, dict) and params.get("dataset_options"):
+                    value = {**value, **params["dataset_options"]}
+                entries = [(name, value)]
+            else:
+                values = value if isinstance(value, list) else [value]
+                entries = [(f"{name}[{i}]", v) for i, v in enumerate(values)]
+            for where, entry in entries:
+                if isinstance(entry, str):
+                    continue  # a built-in name: its notebook reports an unknown name or a missing folder, as before
+                key = json.dumps([step.notebook, where, entry, params.get("data_root"), params.get("classes"),
+                                  params.get("positive_class"), params.get("label_map")], sort_keys=True, default=str)
+                if key in seen:
+                    continue
+                seen.add(key)
+                prefix = f"profile {profile.name}, step {step.notebook}, "
+                try:
+                    info = check_dataset_spec(entry, params.get("data_root"), where=where, target=target)
+                    if target:
+                        classes = info["classes"]
+                        if params.get("label_map"):
+                            mapping = map_classes(classes, params["label_map"], "label_map")
+                            classes = sorted({c for c in mapping.values() if c is not None})
+                        class_order(classes, params.get("classes"), params.get("positive_class"))
+                except ManifestError as err:
+                    problems.append(prefix + str(err))
+    return problems
 
 
 def parameters_for(execution: Execution) -> dict[str, Any]:

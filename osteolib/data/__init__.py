@@ -37,6 +37,7 @@ from osteolib.data.manifest import (
     warn_excluded,
     existing_dir,
     patient_from_name,
+    from_image_folder,
 )
 from osteolib.data import splits
 from osteolib.data.splits import (
@@ -52,9 +53,13 @@ from osteolib.data.splits import (
     save_split,
     apply_saved_split,
     split_summary,
+    COPY_POLICIES,
+    group_copies,
+    copies_across_splits,
+    check_copies,
 )
-from osteolib.data import sources
-from osteolib.data.sources import (
+from osteolib.data import builtin
+from osteolib.data.builtin import (
     REAL_FOLDERS,
     SYNTHETIC,
     NIH_PUBLISHED_SIZE,
@@ -66,11 +71,30 @@ from osteolib.data.sources import (
     hannover,
     build_manifest,
     read_bracketed_csv,
+)
+from osteolib.data import sources
+from osteolib.data.sources import (
     known_datasets,
     locate,
     load_dataset,
     load_pool,
+    SPEC_KINDS,
+    SPEC_KEYS,
+    BOX_COLUMNS,
+    DROP,
+    PLACEHOLDER,
+    SPEC_EXAMPLES,
+    DatasetSpecError,
+    FolderScan,
+    scan_class_folder,
+    case_variants,
+    map_classes,
+    check_case_variants,
+    apply_label_map,
+    check_dataset_spec,
+    load_spec,
 )
+from osteolib.data import duplicates  # used as a namespace: duplicates.find_copies(...)
 from osteolib.data import synthetic
 from osteolib.data.synthetic import (
     GENERATOR_VERSION,
@@ -146,6 +170,7 @@ from osteolib.data.audit import (
     audit_summary,
     write_json,
     read_audit,
+    class_order,
 )
 from osteolib.data import loaders
 from osteolib.data.loaders import (
@@ -160,6 +185,28 @@ from osteolib.data.loaders import (
 )
 
 __all__ = [
+    "builtin",
+    "duplicates",
+    "from_image_folder",
+    "COPY_POLICIES",
+    "group_copies",
+    "copies_across_splits",
+    "check_copies",
+    "SPEC_KINDS",
+    "SPEC_KEYS",
+    "BOX_COLUMNS",
+    "DROP",
+    "PLACEHOLDER",
+    "SPEC_EXAMPLES",
+    "DatasetSpecError",
+    "FolderScan",
+    "scan_class_folder",
+    "case_variants",
+    "map_classes",
+    "check_case_variants",
+    "apply_label_map",
+    "check_dataset_spec",
+    "load_spec",
     "io",
     "manifest",
     "splits",
@@ -291,6 +338,7 @@ __all__ = [
     "audit_summary",
     "write_json",
     "read_audit",
+    "class_order",
     "DEFAULT_MEAN",
     "DEFAULT_STD",
     "XrayDataset",

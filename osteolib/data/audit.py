@@ -16,6 +16,7 @@ import pandas as pd
 from scipy import stats
 
 from osteolib.data.io import read_xray
+from osteolib.data.manifest import ManifestError
 from osteolib.plotting import draw_boxes, draw_mask_outline, show_xray
 
 # the study's published normalisation, shown beside the measured one
@@ -105,16 +106,66 @@ def intensity_histogram(cache, ids_by_label: dict[str, Sequence[str]], bins: int
     return fig
 
 
+def class_order(labels: Sequence[str], classes: Sequence[str] | None = None,
+                positive_class: str | None = None) -> tuple[list[str], str | None]:
+    """The classes in the order later notebooks use: the positive class LAST (they take ``classes[-1]``).
+
+    Without ``classes`` and ``positive_class``: the sorted labels (the default, unchanged). ``classes`` gives
+    the order (names are stripped; it must name exactly the manifest's labels); ``positive_class`` (default:
+    the last) is moved last when it is not. Returns the order and a note saying what was moved (or None).
+    """
+    present = sorted({str(label).strip() for label in labels})
+    if classes is None and positive_class is None:
+        return sorted(pd.unique(pd.Series(list(labels)))), None
+    if classes is None:
+        order = list(present)
+    else:
+        if isinstance(classes, str) or not all(isinstance(c, str) for c in classes):
+            raise ManifestError(f"classes: must be a list of class names, got {classes!r}; write e.g. "
+                                f"classes: [normal, osteoporosis]")
+        order = [c.strip() for c in classes]
+        repeated = sorted({c for c in order if order.count(c) > 1})
+        missing, unknown = sorted(set(present) - set(order)), sorted(set(order) - set(present))
+        if repeated or missing or unknown:
+            raise ManifestError(
+                f"classes: {list(classes)} does not name the data set's classes {present}"
+                + (f"; repeated {repeated}" if repeated else "") + (f"; not listed {missing}" if missing else "")
+                + (f"; not in the data {unknown}" if unknown else "")
+                + ". What to do: list each class once, or merge/drop classes with label_map "
+                  "({osteopenia: drop} or {osteopenia: osteoporosis})")
+    if positive_class is None:
+        return order, None
+    positive = str(positive_class).strip()
+    if positive not in order:
+        raise ManifestError(f"positive_class: {positive_class!r} is not a class of the data set {order}. What to "
+                            f"do: name one of them (None: the last)")
+    if order[-1] == positive:
+        return order, None
+    moved = [c for c in order if c != positive] + [positive]
+    return moved, (f"positive class {positive!r} moved last: classes {order} -> {moved} (later notebooks take "
+                   f"the last class as the positive one)")
+
+
 def audit_summary(df: pd.DataFrame, cache, scan: pd.DataFrame, near_dups: pd.DataFrame,
                   conflicts: pd.DataFrame, associations: pd.DataFrame, warnings: list[str],
-                  settings: dict[str, Any]) -> dict[str, Any]:
-    """Everything later notebooks need from the audit, JSON-ready."""
+                  settings: dict[str, Any], classes: Sequence[str] | None = None,
+                  positive_class: str | None = None) -> dict[str, Any]:
+    """Everything later notebooks need from the audit, JSON-ready.
+
+    ``classes`` / ``positive_class`` (see :func:`class_order`) order ``"classes"`` with the positive class
+    last and add ``"positive_class"``; without them the summary is as it always was (sorted classes).
+    """
     train_ids = df.loc[df["split"] == "train", "image_id"].tolist()
     mean, std = cache.pixel_stats(train_ids)
-    classes = sorted(df["label"].unique())
+    ordered = classes is not None or positive_class is not None
+    classes = class_order(df["label"], classes, positive_class)[0] if ordered else sorted(df["label"].unique())
+    extra_classes = {"positive_class": classes[-1]} if ordered else {}
+    listed = {key: df.attrs[key] for key in ("excluded_files", "empty_class_folders", "masks_without_image")
+              if df.attrs.get(key)}
     return {
         "settings": settings,
         "classes": classes,
+        **extra_classes,
         "n_images": int(len(df)),
         "n_patients": int(df["patient_id"].nunique()),
         "images_per_split": df["split"].value_counts().to_dict(),
@@ -135,6 +186,7 @@ def audit_summary(df: pd.DataFrame, cache, scan: pd.DataFrame, near_dups: pd.Dat
         "associations": associations.to_dict("records"),
         "confounder_warnings": warnings,
         "excluded_rows": df.attrs.get("excluded", {}),
+        **listed,
     }
 
 

@@ -421,3 +421,35 @@ def patient_from_name(pattern: re.Pattern, name: str) -> str | None:
     if "patient" in pattern.groupindex:
         return match.group("patient")
     return match.group(1) if pattern.groups else match.group(0)
+
+
+def from_image_folder(root: str | os.PathLike, source: str | None = None, patient_from: str | None = None,
+                      label: str = "unlabelled") -> pd.DataFrame:
+    """A folder of images without labels (a pretraining pool): every image file at any depth, one label for all.
+
+    ``image_id`` is the path below ``root`` without extension; ``patient_from`` as in :func:`from_folder`
+    (without it every image is its own patient). Files that are not images are counted in ``attrs["excluded"]``.
+    """
+    root = existing_dir(root, "from_image_folder root")
+    pattern = _compile_patient_pattern(patient_from)
+    files = sorted(p for p in root.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+    not_images = [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
+    if not images:
+        raise ManifestError(f"{root}: no image files at any depth (extensions {IMAGE_EXTENSIONS})")
+    ids = _unique_ids(None, [p.relative_to(root) for p in images])
+    patients = ids if pattern is None else [patient_from_name(pattern, p.name) for p in images]
+    unmatched = [str(p) for p, patient in zip(images, patients) if patient is None]
+    if unmatched:
+        raise ManifestError(
+            f"patient_from={patient_from!r} does not match {len(unmatched)} file name(s), e.g. "
+            f"{unmatched[:5]}; fix the pattern or leave patient_from out (each image its own patient)")
+    df = pd.DataFrame({"image_id": ids, "path": [str(p.resolve()) for p in images], "label": label,
+                       "patient_id": patients, "source": source or root.name})
+    excluded = {"not an image file (extension)": len(not_images)} if not_images else {}
+    if not_images:
+        warn_excluded(root, excluded, examples=[str(p) for p in not_images[:3]])
+    df = finish_manifest(df, excluded)
+    df.attrs["patient_ids_from_images"] = pattern is None
+    return df

@@ -1,20 +1,30 @@
-"""Named data sets: the built-in data sets' manifest builders, and one call from a profile's data-set name to a
-manifest.
+"""Named data sets: one call from a profile's data-set name, or a spec of a lab's own data, to a manifest.
 
-Builders (each returning a normalised, validated manifest; see :mod:`osteolib.data.manifest` for the generic
-layouts ``from_folder`` and ``from_csv``): :func:`nih_cxr14`, :func:`kermany`, :func:`hannover`, and
-:func:`build_manifest` choosing one by name.
+The built-in data sets' builders live in :mod:`osteolib.data.builtin` (:func:`nih_cxr14`, :func:`kermany`,
+:func:`hannover`).
 
 ``load_dataset("nih_cxr14", data_root)`` finds the NIH subset under the real-data root; ``load_dataset(
 "synthetic_shoulder", n_patients=200)`` generates (or reuses) the project's own synthetic X-rays. Pools for the
 chest pretraining stage are lists of names (``load_pool(["kermany", "hannover"], data_root)``).
+
+A lab's own data enter through a *spec* (a mapping, written in a profile) in place of a name, both for the target
+data set and for each entry of a pool; :func:`check_dataset_spec` checks one before any work, :func:`load_spec`
+builds its manifest::
+
+    {kind: folder, root: DIR, patient_from: REGEX}          # DIR/<class>/**/<image>; patient from the file name
+    {kind: folder, root: DIR, labels: none}                 # unlabelled images at any depth (a pretraining pool)
+    {kind: csv, table: FILE, image_dir: DIR, path_column: file, label_column: diagnosis,
+     patient_column: patient, view_column: view, label_map: {osteopenia: drop}}
+    ... regions: {boxes: FILE}  or  regions: {masks: DIR}   # expert regions in the files' pixel space
+
+Relative paths resolve against the data root.
 """
 from __future__ import annotations
 
-import csv
 import os
 import re
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -22,294 +32,20 @@ import numpy as np
 import pandas as pd
 
 from osteolib.data.manifest import (
+    IMAGE_EXTENSIONS,
     ManifestError,
     add_image_sizes,
     concat_manifests,
-    existing_dir,
     finish_manifest,
     from_csv,
     from_folder,
+    from_image_folder,
     patient_from_name,
     read_manifest,
-    warn_excluded,
 )
+from osteolib.data.builtin import REAL_FOLDERS, SYNTHETIC, hannover, kermany, nih_cxr14
 from osteolib.data.synthetic.datasets import ensure_synthetic
-from osteolib.paths import require_real_data_root
-
-# folder names of the real data sets under the data root (the layout of ../shared/data)
-REAL_FOLDERS = {
-    "nih_cxr14": ("nih-cxr14-subset", "nih-cxr14", "ChestX-ray14"),
-    "kermany": ("kermany-pediatric-cxr", "kermany", "chest_xray"),
-    "hannover": ("hannover-covid-cxr", "hannover"),
-}
-SYNTHETIC = {"synthetic_shoulder": "shoulder", "synthetic_chest": "chest"}
-NIH_PUBLISHED_SIZE = 1024  # NIH's boxes are in the pixel space of its published 1024x1024 PNGs
-KERMANY_CLASSES = ("normal", "bacterial", "viral")
-# Original Kermany file names carry the patient: person12_bacteria_45.jpeg, person1_virus_6.jpeg.
-KERMANY_PATIENT_PATTERN = r"^(?P<patient>person\d+)_"
-MANIFEST_KINDS = ("folder", "csv", "nih_cxr14", "kermany", "hannover", "synthetic")
-
-
-# ---------------------------------------------------------------------------------------------
-# Builders of the built-in data sets. Rows a builder leaves out are counted in ``df.attrs["excluded"]``
-# ({reason: count}) and warned about; ``df.attrs["patient_ids_from_images"]`` is True where no patient
-# identity was available, so the audit can say that a patient-level split is not possible for that data.
-# ---------------------------------------------------------------------------------------------
-
-def nih_cxr14(root: str | os.PathLike, positive: str = "Pneumonia", negative: str = "No Finding",
-              bbox: bool = True, missing: str = "error") -> pd.DataFrame:
-    """NIH ChestX-ray14: ``images/`` (or ``images_*/images/``) + ``Data_Entry_2017*.csv`` (+ ``BBox_List_2017*.csv``).
-
-    Label ``positive.lower()`` ("pneumonia") when the finding labels contain ``positive``,
-    ``negative`` ("no_finding") when they equal ``negative``; other rows are excluded and counted.
-    Boxes are scaled from NIH's 1024x1024 space to the size of the file on disk and keep their
-    finding label. ``missing="exclude"`` counts label rows without an image file (a partial
-    download) instead of raising.
-    """
-    root = existing_dir(root, "nih_cxr14 root")
-    if missing not in ("error", "exclude"):
-        raise ManifestError(f"nih_cxr14: missing={missing!r}; use 'error' or 'exclude'")
-    entry_csv = _one_file(root, "Data_Entry_2017*.csv")
-    entries = read_bracketed_csv(entry_csv)
-    listed = set(entries["Image Index"]) if "Image Index" in entries.columns else set()
-    needed = ["Image Index", "Finding Labels", "Patient ID", "View Position"]
-    absent = [c for c in needed if c not in entries.columns]
-    if absent:
-        raise ManifestError(f"{entry_csv}: lacks column(s) {absent}; it has {list(entries.columns)}")
-    on_disk = {p.name: p for p in sorted(root.glob("images*/**/*.png"))}
-    if not on_disk:
-        raise ManifestError(f"{root}: no PNG files under images/ (NIH layout: <root>/images/*.png)")
-
-    positive_class, negative_class = _class_name(positive), _class_name(negative)
-    findings = entries["Finding Labels"].str.strip()
-    is_positive = findings.str.split("|").apply(lambda labels: positive in labels)
-    is_negative = ~is_positive & (findings == negative)
-    excluded: dict[str, int] = {}
-    neither = int((~is_positive & ~is_negative).sum())
-    if neither:
-        excluded[f"finding labels neither contain {positive!r} nor equal {negative!r}"] = neither
-    entries = entries.assign(label=np.where(is_positive, positive_class, negative_class))[is_positive | is_negative]
-
-    has_file = entries["Image Index"].isin(list(on_disk))
-    if not has_file.all():
-        absent_files = entries.loc[~has_file, "Image Index"].tolist()
-        if missing == "error":
-            raise ManifestError(
-                f"{entry_csv}: {len(absent_files)} labelled image(s) not found under {root}/images*: "
-                f"{absent_files[:20]}{' ...' if len(absent_files) > 20 else ''}; "
-                f"pass missing='exclude' to build from the images present")
-        excluded["image file not present"] = len(absent_files)
-        entries = entries[has_file]
-
-    df = pd.DataFrame({
-        "image_id": entries["Image Index"].str.replace(r"\.png$", "", regex=True).tolist(),
-        "path": [str(on_disk[name].resolve()) for name in entries["Image Index"]],
-        "label": entries["label"].tolist(),
-        "patient_id": entries["Patient ID"].str.strip().tolist(),
-        "view": entries["View Position"].str.strip().str.upper().replace("", "unknown").tolist(),
-        "source": "nih-cxr14",
-        "finding_labels": findings[entries.index].tolist(),
-    })
-    for column, name in (("Patient Age", "age"), ("Follow-up #", "follow_up")):
-        if column in entries.columns:
-            df[name] = pd.array(pd.to_numeric(entries[column], errors="coerce"), dtype="Int64")
-    if "Patient Gender" in entries.columns:
-        df["sex"] = entries["Patient Gender"].str.strip().str.upper().tolist()
-    df = add_image_sizes(df)
-
-    boxes_by_image: dict[str, list[dict]] = {}
-    unattached = 0
-    if bbox:
-        bbox_files = sorted(root.glob("BBox_List_2017*.csv"))
-        if len(bbox_files) > 1:
-            raise ManifestError(f"{root}: several box tables {[p.name for p in bbox_files]}; keep one")
-        if bbox_files:
-            boxes_by_image, unattached = _nih_boxes(bbox_files[0], df)
-    df["boxes"] = [boxes_by_image.get(i) for i in df["image_id"]]
-    if excluded:
-        warn_excluded(entry_csv, excluded)
-    out = finish_manifest(df, excluded)
-    out.attrs["patient_ids_from_images"] = False
-    out.attrs["boxes_on_excluded_images"] = unattached
-    out.attrs["images_without_label_row"] = len(set(on_disk) - listed)
-    return out
-
-
-
-def kermany(root: str | os.PathLike) -> pd.DataFrame:
-    """Kermany pediatric chest X-rays: ``normal/``, ``bacterial/``, ``viral/``.
-
-    File names repeat across the folders, so image ids carry the class ("viral/nonaugmentedtrain_3").
-    Original Kermany names (``person12_bacteria_45.jpeg``) give the patient; otherwise each image
-    is its own patient and ``attrs["patient_ids_from_images"]`` is True.
-    """
-    root = existing_dir(root, "kermany root")
-    absent = [c for c in KERMANY_CLASSES if not (root / c).is_dir()]
-    if absent:
-        raise ManifestError(f"{root}: Kermany layout needs sub-folders {list(KERMANY_CLASSES)}; missing {absent}")
-    extra = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in KERMANY_CLASSES
-                   and not p.name.startswith("."))
-    if extra:
-        raise ManifestError(f"{root}: unexpected sub-folder(s) {extra} beside {list(KERMANY_CLASSES)}; "
-                            f"use from_folder for other class sets")
-    df = from_folder(root, source="kermany")
-    pattern = re.compile(KERMANY_PATIENT_PATTERN)
-    patients = [patient_from_name(pattern, Path(p).name) for p in df["path"]]
-    df["patient_id"] = [p if p is not None else i for p, i in zip(patients, df["image_id"])]
-    df = add_image_sizes(df)
-    df.attrs["patient_ids_from_images"] = any(p is None for p in patients)
-    return df
-
-
-
-def hannover(root: str | os.PathLike) -> pd.DataFrame:
-    """Hannover Medical School COVID-19 chest X-rays: ``png/*.png`` + ``data.csv`` (every case COVID-19)."""
-    root = existing_dir(root, "hannover root")
-    table_path = root / "data.csv"
-    if not table_path.is_file():
-        raise ManifestError(f"{root}: data.csv not found (Hannover layout: <root>/data.csv + <root>/png/*.png)")
-    table = pd.read_csv(table_path, dtype=str, keep_default_na=False)
-    absent = [c for c in ("patient_id", "image_id", "projection") if c not in table.columns]
-    if absent:
-        raise ManifestError(f"{table_path}: lacks column(s) {absent}; it has {list(table.columns)}")
-    paths = [root / "png" / f"{i.strip()}.png" for i in table["image_id"]]
-    missing = [f"row {r} (line {r + 2}): {p}" for r, p in enumerate(paths) if not p.is_file()]
-    if missing:
-        raise ManifestError(f"{table_path}: {len(missing)} image file(s) not found:\n  " + "\n  ".join(missing[:50]))
-    df = pd.DataFrame({
-        "image_id": table["image_id"].str.strip().tolist(),
-        "path": [str(p.resolve()) for p in paths],
-        "label": "covid",
-        "patient_id": table["patient_id"].str.strip().tolist(),
-        "view": table["projection"].str.strip().str.upper().replace("", "unknown").tolist(),
-        "source": "hannover",
-    })
-    if "sex" in table.columns:
-        df["sex"] = table["sex"].str.strip().str.upper().tolist()
-    if "age" in table.columns:
-        df["age"] = pd.array(pd.to_numeric(table["age"], errors="coerce"), dtype="Int64")
-    if "modality" in table.columns:
-        df["modality"] = table["modality"].str.strip().tolist()
-    unlisted = sorted({p.name for p in (root / "png").glob("*.png")} - {p.name for p in paths})
-    out = finish_manifest(add_image_sizes(df), {})
-    out.attrs["patient_ids_from_images"] = False
-    out.attrs["images_without_label_row"] = len(unlisted)
-    if unlisted:
-        warnings.warn(f"{root}/png: {len(unlisted)} PNG file(s) have no row in data.csv and are not in the "
-                      f"manifest, e.g. {unlisted[:3]}", stacklevel=2)
-    return out
-
-
-
-def build_manifest(kind: str, root: str | os.PathLike, **options: Any) -> pd.DataFrame:
-    """The builders by name: ``folder``, ``csv``, ``nih_cxr14``, ``kermany``, ``hannover``, ``synthetic``.
-
-    ``csv`` takes ``root`` as the CSV file (image_dir defaults to its folder); ``synthetic`` reads
-    ``root/manifest.csv`` (or ``root`` itself when it is the CSV) written by the synthetic generator.
-    """
-    if kind == "folder":
-        return from_folder(root, **options)
-    if kind == "csv":
-        options.setdefault("image_dir", Path(root).parent)
-        return from_csv(root, **options)
-    if kind == "nih_cxr14":
-        return nih_cxr14(root, **options)
-    if kind == "kermany":
-        return kermany(root, **options)
-    if kind == "hannover":
-        return hannover(root, **options)
-    if kind == "synthetic":
-        path = Path(root)
-        return read_manifest(path if path.is_file() else path / "manifest.csv", **options)
-    raise ManifestError(f"unknown manifest kind {kind!r}; known kinds: {list(MANIFEST_KINDS)}")
-
-
-
-def read_bracketed_csv(path: str | os.PathLike) -> pd.DataFrame:
-    """Read an NIH-style CSV whose header names hold commas inside brackets (all values as strings).
-
-    ``OriginalImage[Width,Height]`` in the header covers two data fields; it becomes the columns
-    ``OriginalImage[Width]`` and ``OriginalImage[Height]``. Empty trailing header fields (the
-    ``,,,`` of NIH's box table) are dropped, and so are data fields under them, which must be empty.
-    """
-    path = Path(path)
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        records = list(csv.reader(handle))
-    if not records:
-        raise ManifestError(f"{path}: empty file")
-    names = _expand_bracket_header(records[0])
-    while names and names[-1] == "":
-        names.pop()
-    rows: list[list[str]] = []
-    for line, record in enumerate(records[1:], start=2):
-        if not any(field.strip() for field in record):
-            continue
-        head, tail = record[:len(names)], record[len(names):]
-        if len(head) < len(names) or any(field.strip() for field in tail):
-            raise ManifestError(f"{path}: line {line} has {len(record)} fields where the header "
-                                f"{names} expects {len(names)}: {record}")
-        rows.append(head)
-    return pd.DataFrame(rows, columns=names)
-
-
-
-def _expand_bracket_header(tokens: list[str]) -> list[str]:
-    names: list[str] = []
-    pending: list[str] = []
-    for token in tokens:
-        if pending or ("[" in token and "]" not in token):
-            pending.append(token)
-            if "]" not in token:
-                continue
-            token, pending = ",".join(pending), []
-        match = re.fullmatch(r"\s*(.*?)\s*\[(.*)\]\s*", token)
-        if match and "," in match.group(2):
-            stem = match.group(1)
-            names += [f"{stem}[{part.strip()}]" for part in match.group(2).split(",")]
-        else:
-            names.append(token.strip())
-    if pending:
-        raise ManifestError(f"unbalanced '[' in CSV header {tokens}")
-    return names
-
-
-def _nih_boxes(bbox_csv: Path, df: pd.DataFrame) -> tuple[dict[str, list[dict]], int]:
-    table = read_bracketed_csv(bbox_csv)
-    by_axis = {m.group(1): c for c in table.columns if (m := re.fullmatch(r"Bbox ?\[([xywh])\]", c))}
-    coordinate_columns = [by_axis[a] for a in "xywh" if a in by_axis]
-    if "Image Index" not in table.columns or len(coordinate_columns) != 4:
-        raise ManifestError(f"{bbox_csv}: expected columns 'Image Index', 'Finding Label', 'Bbox [x,y,w,h]'; "
-                            f"read {list(table.columns)}")
-    sizes = {i: (int(w), int(h)) for i, w, h in zip(df["image_id"], df["width"], df["height"])}
-    boxes: dict[str, list[dict]] = {}
-    unattached = 0
-    for line, record in enumerate(table.to_dict("records"), start=2):
-        image_id = re.sub(r"\.png$", "", record["Image Index"].strip())
-        if image_id not in sizes:
-            unattached += 1  # a box on an image the label rule left out
-            continue
-        try:
-            x, y, w, h = (float(record[c]) for c in coordinate_columns)
-        except ValueError as err:
-            raise ManifestError(f"{bbox_csv}: line {line}: box coordinates are not numbers: {record}") from err
-        width, height = sizes[image_id]
-        sx, sy = width / NIH_PUBLISHED_SIZE, height / NIH_PUBLISHED_SIZE
-        boxes.setdefault(image_id, []).append({"x": x * sx, "y": y * sy, "w": w * sx, "h": h * sy,
-                                               "label": record.get("Finding Label", "").strip()})
-    return boxes, unattached
-
-
-def _one_file(root: Path, pattern: str) -> Path:
-    found = sorted(root.glob(pattern))
-    if len(found) != 1:
-        raise ManifestError(f"{root}: expected exactly one file matching {pattern!r}, found "
-                            f"{[p.name for p in found] or 'none'}")
-    return found[0]
-
-
-def _class_name(raw: str) -> str:
-    return re.sub(r"\W+", "_", raw.strip().lower()).strip("_")
-
+from osteolib.paths import real_data_root, require_real_data_root
 
 # ---------------------------------------------------------------------------------------------
 # The name registry
@@ -335,8 +71,14 @@ def locate(name: str, data_root: str | os.PathLike | None = None) -> Path:
                             f"{list(REAL_FOLDERS[name])}")
 
 
-def load_dataset(name: str, data_root: str | os.PathLike | None = None, **options: Any) -> pd.DataFrame:
-    """A manifest for a named data set. Synthetic sets take the generator's parameters as options."""
+def load_dataset(name: str | dict[str, Any], data_root: str | os.PathLike | None = None,
+                 **options: Any) -> pd.DataFrame:
+    """A manifest for a named data set, or for a spec of one's own data (see :func:`load_spec`).
+
+    Synthetic sets take the generator's parameters as options; for a spec, options are further spec keys.
+    """
+    if isinstance(name, dict):
+        return load_spec({**name, **options}, data_root, target=True)
     if name in SYNTHETIC:
         manifest_csv = ensure_synthetic(SYNTHETIC[name], **options)
         return read_manifest(manifest_csv)
@@ -348,7 +90,487 @@ def load_dataset(name: str, data_root: str | os.PathLike | None = None, **option
 def load_pool(names: Sequence[str], data_root: str | os.PathLike | None = None,
               options: dict[str, dict[str, Any]] | None = None) -> pd.DataFrame:
     """Several data sets as one manifest (e.g. the chest pretraining pool)."""
-    if isinstance(names, str):
+    if isinstance(names, (str, dict)):
         names = [names]
     options = options or {}
-    return concat_manifests(*(load_dataset(n, data_root, **options.get(n, {})) for n in names))
+    return concat_manifests(*(
+        load_spec(n, data_root, where=f"chest_datasets[{i}]") if isinstance(n, dict)
+        else load_dataset(n, data_root, **options.get(n, {})) for i, n in enumerate(names)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Specs: a lab's own folder or label table, named in a profile instead of a built-in data set
+# ---------------------------------------------------------------------------------------------
+
+SPEC_KINDS = ("folder", "csv")
+_COMMON_SPEC_KEYS = ("kind", "source", "labels", "label_map", "regions", "view")
+SPEC_KEYS = {
+    "folder": _COMMON_SPEC_KEYS + ("root", "patient_from"),
+    "csv": _COMMON_SPEC_KEYS + ("table", "image_dir", "path_column", "label_column", "patient_column",
+                                "view_column", "id_column", "split_column"),
+}
+BOX_COLUMNS = ("image", "x", "y", "width", "height")  # + optional "label"; pixels of the file as stored
+UNLABELLED = "unlabelled"  # the label of every image of a `labels: none` spec
+DROP = "drop"  # label_map value that drops a class (YAML null does too)
+PLACEHOLDER = "CHANGE_ME"  # the root of profiles/own_data.yaml until the user sets it
+SPEC_EXAMPLES = ("{kind: folder, root: DIR, patient_from: '^(?P<patient>[^_]+)_'} or "
+                 "{kind: csv, table: FILE, image_dir: DIR, path_column: ..., label_column: ...}")
+
+
+class DatasetSpecError(ManifestError):
+    """A data-set spec cannot be used; ``where`` is its place in the profile (``dataset.root``)."""
+
+    def __init__(self, where: str, problem: str, hint: str) -> None:
+        self.where, self.problem, self.hint = where, problem, hint
+        super().__init__(f"{where}: {problem}. What to do: {hint}")
+
+
+@dataclass
+class FolderScan:
+    """What a folder of class sub-folders holds, without reading an image."""
+
+    root: Path
+    classes: dict[str, list[Path]] = field(default_factory=dict)  # class folder -> its image files, any depth
+    empty: list[str] = field(default_factory=list)  # class folders without an image file
+    loose: list[Path] = field(default_factory=list)  # image files beside the class folders (no class)
+    not_images: list[Path] = field(default_factory=list)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {name: len(files) for name, files in self.classes.items()}
+
+    @property
+    def files(self) -> list[Path]:
+        return [f for files in self.classes.values() for f in files]
+
+
+def scan_class_folder(root: str | os.PathLike) -> FolderScan:
+    """List ``root/<class>/**/<image>`` as :func:`osteolib.data.manifest.from_folder` reads it."""
+    root = Path(root)
+    scan = FolderScan(root)
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_file() and entry.suffix.lower() in IMAGE_EXTENSIONS:
+            scan.loose.append(entry)
+        elif entry.is_dir():
+            files = sorted(p for p in entry.rglob("*") if p.is_file() and not p.name.startswith("."))
+            images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+            scan.not_images += [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
+            if images:
+                scan.classes[entry.name] = images
+            else:
+                scan.empty.append(entry.name)
+    return scan
+
+
+def _image_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
+def case_variants(labels: Sequence[str]) -> list[list[str]]:
+    """Groups of distinct labels that differ only in case (``["Normal", "normal"]``)."""
+    groups: dict[str, set[str]] = {}
+    for label in labels:
+        groups.setdefault(str(label).casefold(), set()).add(str(label))
+    return [sorted(g) for g in groups.values() if len(g) > 1]
+
+
+def map_classes(classes: Sequence[str], label_map: Any, where: str = "label_map") -> dict[str, str | None]:
+    """Check a ``label_map`` ({class: new class | "drop" | null}) against the classes; return the full mapping."""
+    if not isinstance(label_map, dict):
+        raise DatasetSpecError(where, f"must be a mapping {{class: new class or drop}}, got {label_map!r}",
+                               "write e.g. {osteopenia: drop} or {osteopenia: osteoporosis}")
+    mapping: dict[str, str | None] = {c: c for c in classes}
+    for raw, new in label_map.items():
+        key = str(raw).strip()
+        if key not in mapping:
+            raise DatasetSpecError(f"{where}.{key}", f"{key!r} is not a class of the data set (its classes are "
+                                   f"{sorted(classes)})", "correct the spelling or remove the entry")
+        if new is None or str(new).strip().lower() == DROP:
+            mapping[key] = None
+        elif isinstance(new, (str, int)) and str(new).strip():
+            mapping[key] = str(new).strip()
+        else:
+            raise DatasetSpecError(f"{where}.{key}", f"maps to {new!r}", "map to a class name or to drop")
+    return mapping
+
+
+def check_case_variants(labels: Sequence[str], where: str) -> None:
+    variants = case_variants(labels)
+    if variants:
+        example = ", ".join(f"{v}: {g[0]}" for g in variants for v in g[1:])
+        raise DatasetSpecError(where, f"class names that differ only in case: {variants}",
+                               f"rename the folders/values to one spelling, or merge them with "
+                               f"label_map: {{{example}}}")
+
+
+def apply_label_map(df: pd.DataFrame, label_map: dict[str, Any] | None, where: str = "label_map") -> pd.DataFrame:
+    """Merge or drop classes: ``{osteopenia: osteoporosis}`` renames, ``{osteopenia: drop}`` drops the rows.
+
+    Dropped rows are counted in ``attrs["excluded"]``; a key naming no class of the manifest is an error.
+    """
+    if not label_map:
+        return df
+    attrs = dict(df.attrs)
+    mapping = map_classes(sorted(df["label"].unique()), label_map, where)
+    mapped = df["label"].map(mapping)
+    excluded = dict(attrs.get("excluded", {}))
+    for raw, count in df.loc[mapped.isna(), "label"].value_counts().sort_index().items():
+        excluded[f"label {raw!r} dropped by label_map"] = int(count)
+    out = df.assign(label=mapped)[mapped.notna()].reset_index(drop=True)
+    if out.empty:
+        raise DatasetSpecError(where, "drops every image", "keep at least one class")
+    check_case_variants(sorted(out["label"].unique()), where)
+    out.attrs = {**attrs, "excluded": excluded}
+    return out
+
+
+def _resolve(value: Any, data_root: str | os.PathLike | None, where: str, what: str) -> Path:
+    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+        raise DatasetSpecError(where, f"needs the {what}, got {value!r}",
+                               "give a path, absolute or relative to data_root")
+    if PLACEHOLDER in str(value):
+        raise DatasetSpecError(where, f"{str(value)!r} is the placeholder of the own_data profile",
+                               f"set it to your {what} (absolute, or relative to data_root), or let "
+                               f"`osteo init DIR` write a profile for your folder")
+    path = Path(str(value)).expanduser()
+    if path.is_absolute():
+        return path
+    base = real_data_root(data_root)
+    if base is None:
+        raise DatasetSpecError(where, f"relative path {str(value)!r} but no data root is set "
+                               f"(data_root={data_root!r}, $OSTEOLIB_DATA_ROOT unset or missing)",
+                               "give an absolute path, or set data_root in the profile / --data-root")
+    return base / path
+
+
+def _spec_kind(spec: Any, where: str) -> str:
+    if not isinstance(spec, dict):
+        raise DatasetSpecError(where, f"is neither a data-set name nor a spec: {spec!r}",
+                               f"use one of {known_datasets()} or a spec {SPEC_EXAMPLES}")
+    kind = spec.get("kind")
+    if kind not in SPEC_KINDS:
+        raise DatasetSpecError(f"{where}.kind", f"unknown kind {kind!r}",
+                               f"use kind: folder (class sub-folders) or kind: csv (a label table); "
+                               f"built-in data sets are named directly: {known_datasets()}")
+    unknown = sorted(set(spec) - set(SPEC_KEYS[kind]))
+    if unknown:
+        raise DatasetSpecError(where, f"unknown key(s) {unknown} for kind {kind}",
+                               f"remove them; a {kind} spec takes {list(SPEC_KEYS[kind])}")
+    return kind
+
+
+def check_dataset_spec(spec: str | dict[str, Any], data_root: str | os.PathLike | None = None,
+                       where: str = "dataset", target: bool = False) -> dict[str, Any]:
+    """Check a data set named in a profile before any work; return it resolved (absolute paths, its classes).
+
+    ``spec`` is a built-in name (only the name is checked) or a spec mapping (see the module docstring).
+    ``target`` (notebook 00's data set) requires labels and at least two classes. Everything that can be
+    checked without decoding an image is: folders and files exist, columns are in the table, ``patient_from``
+    matches the file names, class names are not case variants, ``label_map`` names existing classes and every
+    row of a box table names an image. Raises :class:`DatasetSpecError` naming ``where`` and what to do.
+    """
+    if isinstance(spec, str):
+        if spec not in known_datasets():
+            raise DatasetSpecError(where, f"unknown data set {spec!r}",
+                                   f"use one of {known_datasets()} or a spec {SPEC_EXAMPLES}")
+        return {"kind": "builtin", "name": spec}
+    kind = _spec_kind(spec, where)
+    labels = spec.get("labels", "given")
+    labelled = not (labels is False or str(labels).strip().lower() in ("none", "no", "false"))
+    if labels != "given" and labelled:
+        raise DatasetSpecError(f"{where}.labels", f"unknown value {labels!r}",
+                               "write labels: none for unlabelled images (pretraining), or leave it out")
+    if target and not labelled:
+        raise DatasetSpecError(f"{where}.labels", "the target data set (notebook 00) needs labels",
+                               "remove labels: none; unlabelled images belong in 01's chest_datasets")
+    out: dict[str, Any] = {"kind": kind, "labelled": labelled, "source": spec.get("source"),
+                           "view": spec.get("view"), "where": where}
+    keys: dict[str, list[Path]] = {}  # names a box row may use -> the image files they name
+
+    def add_key(key: str, file: Path) -> None:
+        keys.setdefault(key, []).append(file)
+
+    if kind == "folder":
+        root = _resolve(spec.get("root"), data_root, f"{where}.root", "folder of X-rays")
+        if not root.is_dir():
+            raise DatasetSpecError(f"{where}.root", f"folder not found: {root}",
+                                   "check the path (relative paths resolve against data_root)")
+        out["root"] = str(root)
+        if labelled:
+            scan = scan_class_folder(root)
+            if not scan.classes:
+                found = f"{len(scan.loose)} image(s) directly in it" if scan.loose else "no image files"
+                raise DatasetSpecError(f"{where}.root", f"{root} has no class sub-folder holding images ({found}; "
+                                       f"empty class folders: {scan.empty})",
+                                       "put the images into one sub-folder per class (root/<class>/...), or "
+                                       "write labels: none for unlabelled images")
+            files = scan.files
+            raw_classes = sorted(scan.classes)
+            blank = [c for c in raw_classes if not c.strip()]
+            if blank:
+                raise DatasetSpecError(f"{where}.root", f"class folder name(s) {blank} are blank", "rename them")
+            class_names = sorted({c.strip() for c in raw_classes})
+            labels_where = f"{where}.root"
+            for name, class_files in scan.classes.items():
+                for f in class_files:
+                    add_key(f.relative_to(root / name).as_posix(), f)
+            out["scan"] = scan
+        else:
+            files = _image_files(root)
+            if not files:
+                raise DatasetSpecError(f"{where}.root", f"{root} holds no image files at any depth "
+                                       f"(extensions {IMAGE_EXTENSIONS})", "check the path")
+            class_names = [UNLABELLED]
+        for f in files:
+            add_key(f.name, f)
+            add_key(f.relative_to(root).as_posix(), f)
+        out["image_keys_base"] = str(root)
+        pattern_text = spec.get("patient_from")
+        out["patient_from"] = pattern_text
+        if pattern_text is not None:
+            try:
+                pattern = re.compile(str(pattern_text))
+            except re.error as err:
+                raise DatasetSpecError(f"{where}.patient_from", f"{pattern_text!r} is not a valid regular "
+                                       f"expression ({err})", "fix it, e.g. '^(?P<patient>P\\d+)_'") from None
+            unmatched = [f.name for f in files if patient_from_name(pattern, f.name) is None]
+            if len(unmatched) == len(files):
+                raise DatasetSpecError(f"{where}.patient_from", f"{pattern_text!r} matches none of the "
+                                       f"{len(files)} file names (e.g. {[f.name for f in files[:3]]})",
+                                       "the pattern is searched in the file name, not the folder; give it a "
+                                       "group named patient, e.g. '^(?P<patient>[^_]+)_'")
+            if unmatched:
+                raise DatasetSpecError(f"{where}.patient_from", f"{pattern_text!r} does not match "
+                                       f"{len(unmatched)} of {len(files)} file names, e.g. {unmatched[:5]}",
+                                       "widen the pattern, or rename those files")
+    else:
+        table_path = _resolve(spec.get("table"), data_root, f"{where}.table", "label table (CSV)")
+        if not table_path.is_file():
+            raise DatasetSpecError(f"{where}.table", f"file not found: {table_path}",
+                                   "check the path (relative paths resolve against data_root)")
+        image_dir = (_resolve(spec["image_dir"], data_root, f"{where}.image_dir", "image folder")
+                     if spec.get("image_dir") is not None else table_path.parent)
+        if not image_dir.is_dir():
+            raise DatasetSpecError(f"{where}.image_dir", f"folder not found: {image_dir}",
+                                   "check the path (relative paths resolve against data_root)")
+        try:
+            table = pd.read_csv(table_path, dtype=str, keep_default_na=False)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+            raise DatasetSpecError(f"{where}.table", f"{table_path} is not a readable CSV ({err})",
+                                   "save it as comma-separated text with a header row") from None
+        columns = {"path_column": spec.get("path_column", "path"),
+                   "label_column": spec.get("label_column", "label") if labelled else spec.get("label_column"),
+                   "patient_column": spec.get("patient_column"), "view_column": spec.get("view_column"),
+                   "id_column": spec.get("id_column"), "split_column": spec.get("split_column")}
+        for arg, column in columns.items():
+            if column is not None and column not in table.columns:
+                raise DatasetSpecError(f"{where}.{arg}", f"column {column!r} is not in {table_path}",
+                                       f"set {arg} to one of the table's columns {list(table.columns)}")
+        out.update(table=str(table_path), image_dir=str(image_dir), image_keys_base=str(image_dir), **columns)
+        if labelled:
+            raw = table[columns["label_column"]].str.strip()
+            blank = [f"row {r} (line {r + 2})" for r in np.flatnonzero((raw == "").to_numpy())]
+            if blank:
+                raise DatasetSpecError(f"{where}.label_column", f"{len(blank)} row(s) of {table_path} have an "
+                                       f"empty {columns['label_column']!r}: {blank[:10]}",
+                                       "fill in the label or remove the rows")
+            class_names = sorted(set(raw))
+            labels_where = f"{where}.label_column"
+        else:
+            class_names = [UNLABELLED]
+        for value in table[columns["path_column"]]:
+            f = Path(value.strip())
+            f = f if f.is_absolute() else image_dir / f
+            add_key(value.strip().replace("\\", "/"), f)
+            add_key(f.name, f)
+    if spec.get("label_map") is not None:
+        if not labelled:
+            raise DatasetSpecError(f"{where}.label_map", "labels: none has no classes to map", "remove label_map")
+        mapping = map_classes(class_names, spec["label_map"], f"{where}.label_map")
+        class_names = sorted({c for c in mapping.values() if c is not None})
+        if not class_names:
+            raise DatasetSpecError(f"{where}.label_map", "drops every class", "keep at least one class")
+    if labelled:
+        check_case_variants(class_names, labels_where if spec.get("label_map") is None else f"{where}.label_map")
+    out["label_map"] = spec.get("label_map")
+    if target and len(class_names) < 2:
+        raise DatasetSpecError(where, f"only one class {class_names}", "the target task needs two or more classes")
+    out["classes"] = class_names
+    out["regions"] = _check_regions(spec.get("regions"), data_root, f"{where}.regions", keys)
+    return out
+
+
+def _check_regions(regions: Any, data_root, where: str, keys: dict[str, list[Path]]) -> dict[str, Any]:
+    if regions is None:
+        return {}
+    if not isinstance(regions, dict) or not regions or set(regions) - {"boxes", "masks"}:
+        raise DatasetSpecError(where, f"must be {{boxes: FILE}} and/or {{masks: DIR}}, got {regions!r}",
+                               "boxes: a CSV image,x,y,width,height[,label]; masks: a folder of mask images")
+    out: dict[str, Any] = {}
+    if regions.get("masks") is not None:
+        masks = _resolve(regions["masks"], data_root, f"{where}.masks", "folder of mask images")
+        if not masks.is_dir():
+            raise DatasetSpecError(f"{where}.masks", f"folder not found: {masks}", "check the path")
+        out["masks"] = str(masks)
+    if regions.get("boxes") is not None:
+        path = _resolve(regions["boxes"], data_root, f"{where}.boxes", "box table (CSV)")
+        if not path.is_file():
+            raise DatasetSpecError(f"{where}.boxes", f"file not found: {path}", "check the path")
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+        table.columns = [c.strip() for c in table.columns]
+        absent = [c for c in BOX_COLUMNS if c not in table.columns]
+        if absent:
+            raise DatasetSpecError(f"{where}.boxes", f"{path} lacks column(s) {absent} (it has {list(table.columns)})",
+                                   f"write the header {','.join(BOX_COLUMNS)}[,label] (pixels of the image file)")
+        boxes: list[tuple[int, Path, dict[str, Any]]] = []
+        for r, record in enumerate(table.to_dict("records")):
+            name = record["image"].strip().replace("\\", "/")
+            row = f"{path} row {r} (line {r + 2})"
+            found = keys.get(name, [])
+            if not found:
+                raise DatasetSpecError(f"{where}.boxes", f"{row} names image {name!r}, which is not among the "
+                                       f"data set's images", "write the image's file name or its path relative to "
+                                       "the data set's folder, or remove the row")
+            if len(set(found)) > 1:
+                raise DatasetSpecError(f"{where}.boxes", f"{row}: {name!r} names {len(set(found))} images "
+                                       f"{[str(f) for f in sorted(set(found))][:3]}",
+                                       "write the path relative to the data set's folder instead of the file name")
+            try:
+                x, y, w, h = (float(record[c]) for c in BOX_COLUMNS[1:])
+            except ValueError:
+                raise DatasetSpecError(f"{where}.boxes", f"{row}: coordinates are not numbers: {record}",
+                                       "write x, y, width, height in pixels") from None
+            if not (w > 0 and h > 0 and x >= 0 and y >= 0):
+                raise DatasetSpecError(f"{where}.boxes", f"{row}: box x={x}, y={y}, width={w}, height={h} "
+                                       f"is empty or negative", "fix the row (pixels of the image file)")
+            box = {"x": x, "y": y, "w": w, "h": h}
+            if "label" in table.columns:
+                box["label"] = record["label"].strip()
+            boxes.append((r, found[0], box))
+        out["boxes"] = str(path)
+        out["box_rows"] = boxes
+    return out
+
+
+def load_spec(spec: dict[str, Any], data_root: str | os.PathLike | None = None, where: str = "dataset",
+              target: bool = False) -> pd.DataFrame:
+    """The manifest of a spec (checked first by :func:`check_dataset_spec`).
+
+    Image sizes are read from the headers; expert regions are attached as ``boxes`` / ``mask_path``;
+    ``label_map`` merges or drops classes (dropped rows counted in ``attrs["excluded"]``). Images beside the
+    class folders and empty class folders are warned about and listed in ``attrs["excluded_files"]`` /
+    ``attrs["empty_class_folders"]``.
+    """
+    spec_info = check_dataset_spec(spec, data_root, where, target=target)
+    if spec_info["kind"] == "builtin":
+        return load_dataset(spec_info["name"], data_root)
+    source = spec_info["source"]
+    extra_attrs: dict[str, Any] = {}
+    extra_excluded: dict[str, int] = {}
+    if spec_info["kind"] == "folder" and spec_info["labelled"]:
+        df = from_folder(spec_info["root"], source=source, patient_from=spec_info["patient_from"])
+        scan: FolderScan = spec_info["scan"]
+        if scan.loose:
+            extra_excluded["image file(s) loose beside the class folders (no class)"] = len(scan.loose)
+            extra_attrs["excluded_files"] = [str(p) for p in scan.loose]
+        if scan.empty:
+            extra_attrs["empty_class_folders"] = list(scan.empty)
+        if scan.loose or scan.empty:
+            warnings.warn(f"{spec_info['root']}: " + "; ".join(
+                ([f"{len(scan.loose)} image(s) beside the class folders have no class and are left out: "
+                  f"{[p.name for p in scan.loose][:10]}"] if scan.loose else [])
+                + ([f"empty class folder(s) {scan.empty} (no images; no class)"] if scan.empty else [])), stacklevel=2)
+    elif spec_info["kind"] == "folder":
+        df = from_image_folder(spec_info["root"], source=source, patient_from=spec_info["patient_from"])
+    else:
+        df = from_csv(spec_info["table"], spec_info["image_dir"], spec_info["path_column"],
+                      spec_info["label_column"] or spec_info["path_column"], spec_info["patient_column"],
+                      spec_info["view_column"], spec_info["id_column"], None, source, spec_info["split_column"])
+        if not spec_info["labelled"]:
+            df["label"] = UNLABELLED
+    attrs = dict(df.attrs)
+    attrs["excluded"] = {**attrs.get("excluded", {}), **extra_excluded}
+    attrs.update(extra_attrs)
+    df["label"] = df["label"].astype(str).str.strip()
+    if spec_info["view"] is not None:
+        df["view"] = [str(spec_info["view"]).strip().upper() if v in ("", "unknown") else v
+                      for v in df.get("view", pd.Series(["unknown"] * len(df)))]
+    df = add_image_sizes(df)
+    regions = spec_info["regions"]
+    if "box_rows" in regions:
+        df = _attach_boxes(df, regions, f"{where}.regions.boxes")
+    if "masks" in regions:
+        df, extra = _attach_masks(df, Path(regions["masks"]), f"{where}.regions.masks")
+        attrs.update(extra)
+    df.attrs = attrs
+    if spec_info["label_map"]:
+        df = apply_label_map(df, spec_info["label_map"], f"{where}.label_map")
+        attrs = dict(df.attrs)
+    if attrs.get("patient_ids_from_images") and spec_info["labelled"]:
+        warnings.warn(f"{where}: no patient ids (each image counts as its own patient, so images of one patient "
+                      f"can land in two splits); set patient_from (a regex on the file name with a group named "
+                      f"patient) or patient_column", stacklevel=2)
+    out = finish_manifest(df, attrs.get("excluded", {}))
+    out.attrs = {**attrs, "excluded": attrs.get("excluded", {})}
+    return out
+
+
+def _attach_boxes(df: pd.DataFrame, regions: dict[str, Any], where: str) -> pd.DataFrame:
+    by_path = {str(Path(p).resolve()): i for i, p in enumerate(df["path"])}
+    boxes: dict[int, list[dict[str, Any]]] = {}
+    for r, file, box in regions["box_rows"]:
+        i = by_path.get(str(file.resolve()))
+        if i is None:  # checked before; only a file the builder left out gets here
+            raise DatasetSpecError(where, f"{regions['boxes']} row {r} (line {r + 2}) names {file}, which is not "
+                                   f"in the manifest", "remove the row")
+        width, height = df.at[i, "width"], df.at[i, "height"]
+        if box["x"] + box["w"] > width + 0.5 or box["y"] + box["h"] > height + 0.5:
+            raise DatasetSpecError(where, f"{regions['boxes']} row {r} (line {r + 2}): box {box} reaches outside "
+                                   f"{file.name} ({width} x {height} px)",
+                                   "boxes are in the pixels of the image file as stored; rescale them")
+        boxes.setdefault(i, []).append(box)
+    out = df.copy()
+    out["boxes"] = [boxes.get(i) for i in range(len(df))]
+    return out
+
+
+def _attach_masks(df: pd.DataFrame, masks: Path, where: str) -> tuple[pd.DataFrame, dict[str, Any]]:
+    from PIL import Image
+
+    by_stem: dict[str, list[int]] = {}
+    for i, p in enumerate(df["path"]):
+        by_stem.setdefault(Path(p).stem, []).append(i)
+    chosen: dict[int, Path] = {}
+    orphans: list[str] = []
+    for mask in _image_files(masks):
+        stem = mask.stem
+        if stem not in by_stem and stem.lower().endswith("_mask"):
+            stem = stem[:-5]
+        rows = by_stem.get(stem)
+        if not rows:
+            orphans.append(mask.name)
+            continue
+        if len(rows) > 1:
+            raise DatasetSpecError(where, f"mask {mask} matches {len(rows)} images with the stem {stem!r}: "
+                                   f"{[df.at[i, 'path'] for i in rows][:3]}", "give those images unique file names")
+        if rows[0] in chosen:
+            raise DatasetSpecError(where, f"two masks for image {df.at[rows[0], 'path']}: {chosen[rows[0]]} and "
+                                   f"{mask}", "keep one mask per image")
+        with Image.open(mask) as image:
+            size = image.size
+        expected = (int(df.at[rows[0], "width"]), int(df.at[rows[0], "height"]))
+        if size != expected:
+            raise DatasetSpecError(where, f"mask {mask} is {size[0]} x {size[1]} px but its image is "
+                                   f"{expected[0]} x {expected[1]}", "masks must be on the image's pixel grid")
+        chosen[rows[0]] = mask
+    out = df.copy()
+    out["mask_path"] = [str(chosen[i].resolve()) if i in chosen else None for i in range(len(df))]
+    extra: dict[str, Any] = {}
+    if orphans:
+        extra["masks_without_image"] = orphans
+        warnings.warn(f"{where}: {len(orphans)} mask(s) in {masks} match no image by file name stem: "
+                      f"{orphans[:10]}", stacklevel=3)
+    return out, extra

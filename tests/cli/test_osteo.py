@@ -24,7 +24,8 @@ def test_every_shipped_profile_matches_its_notebooks():
     assert {"smoke", "real", "paper", "label_efficiency"} <= set(names)
     for name in names:
         profile = load_profile(name)
-        check_profile(profile)  # raises on a parameter a notebook does not declare
+        # raises on a parameter a notebook does not declare; own_data's data-set root is a placeholder to fill in
+        check_profile(profile, data=name != "own_data")
         assert profile.executions(), name
 
 
