@@ -9,13 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from osteolib.data import synthetic
 from osteolib.data.audit import audit_summary, class_order
 from osteolib.data.io import check_readable
 from osteolib.data.manifest import ManifestError
+from osteolib.data.synthetic.lab_folder import write_dicom
 from osteolib.data.sources import (
     DatasetSpecError,
     apply_label_map,
@@ -44,19 +43,7 @@ def save(path: Path, pixels: np.ndarray, kind: str = "png8") -> Path:
     elif kind == "tif":
         Image.fromarray((pixels * 255).astype(np.uint8)).save(path)
     elif kind == "dcm":
-        meta = FileMetaDataset()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-        ds.Modality = "DX"
-        ds.Rows, ds.Columns = pixels.shape
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.PixelData = (pixels * 4095).astype("<u2").tobytes()
-        ds.save_as(path, enforce_file_format=True)
+        write_dicom((pixels * 255).astype(np.uint8), path, patient_id="P-1", view="AP")
     return path
 
 
