@@ -239,8 +239,57 @@ def load_pretrained(
     ck = _as_checkpoint(checkpoint, kind)
     target_kind = checkpoint_kind(model)
     target_arch = model_arch(model)
-    ck_prefix, ck_is_extra = encoder_layout(ck.kind, ck.arch)
+    ck_arch, ck_prefix, ck_encoder, ck_extra, unexpected = _split_checkpoint(ck, target_arch)
 
+    target_prefix, target_is_extra = encoder_layout(target_kind, target_arch)
+    target_state = model.state_dict()
+    target_extra = [k for k in target_state if target_is_extra(k)]
+    target_encoder = {  # backbone name -> the model's own key
+        k[len(target_prefix):]: k for k in target_state if k.startswith(target_prefix) and not target_is_extra(k)
+    }
+    outside = [k for k in target_state if not k.startswith(target_prefix) and not target_is_extra(k)]
+
+    notes = list(ck.notes)
+    _adapt_encoder(ck, ck_encoder, model, target_prefix, target_encoder, target_state, resize_pos_embed, notes)
+    load_extra = ck.kind == target_kind and (target_kind != "backbone" or load_head)
+    to_load, missing, mismatch = _match(ck_encoder, target_encoder, target_state)
+    dropped: list[str] = []
+    unexpected += [ck_prefix + name for name in ck_encoder if name not in target_encoder]
+    if load_extra:
+        extra_loaded, extra_missing, extra_mismatch = _match(ck_extra, {k: k for k in target_extra}, target_state)
+        to_load.update(extra_loaded)
+        missing += extra_missing
+        mismatch += extra_mismatch
+        unexpected += [k for k in ck_extra if k not in target_extra]
+        new_keys = outside
+    else:
+        dropped = sorted(ck_extra)
+        new_keys = sorted(target_extra) + outside
+
+    if ck.kind == "masked_cnn" and target_kind != "masked_cnn" and any("running_mean" in k for k in to_load):
+        notes.append(
+            "BatchNorm running statistics come from masked inputs; fine-tuning in train mode re-estimates them"
+        )
+    report = LoadReport(
+        source=ck.source, kind=ck.kind, arch=ck_arch, loaded=len(to_load), missing=missing,
+        unexpected=unexpected, shape_mismatch=mismatch, dropped=dropped, new_keys=new_keys, notes=notes,
+    )
+    if not report.ok:
+        hint = ""
+        if "backbone_kwargs" in ck.config:
+            hint = f"; build the model with the checkpoint's backbone_kwargs {ck.config['backbone_kwargs']}"
+        raise CheckpointMismatchError(f"checkpoint does not fit the {target_arch} model:\n{report.summary()}{hint}")
+
+    result = model.load_state_dict(to_load, strict=False)
+    if result.unexpected_keys or sorted(result.missing_keys) != sorted(missing + new_keys):
+        raise RuntimeError(f"load_pretrained bookkeeping disagrees with torch: {result}")  # a bug here, not bad input
+    return report
+
+
+def _split_checkpoint(ck: Any, target_arch: str) -> tuple[str, str, dict, dict, list[str]]:
+    """The checkpoint's architecture, encoder prefix, encoder weights (by backbone name), pretraining-only weights
+    and unexpected keys; refuses a checkpoint of another architecture than the model's."""
+    ck_prefix, ck_is_extra = encoder_layout(ck.kind, ck.arch)
     ck_encoder: dict[str, torch.Tensor] = {}
     ck_extra: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
@@ -267,16 +316,12 @@ def load_pretrained(
         ck_prefix, ck_is_extra = encoder_layout("backbone", ck_arch)
         for key in [k for k in ck_encoder if ck_is_extra(k)]:
             ck_extra[key] = ck_encoder.pop(key)
+    return ck_arch, ck_prefix, ck_encoder, ck_extra, unexpected
 
-    target_prefix, target_is_extra = encoder_layout(target_kind, target_arch)
-    target_state = model.state_dict()
-    target_extra = [k for k in target_state if target_is_extra(k)]
-    target_encoder = {  # backbone name -> the model's own key
-        k[len(target_prefix):]: k for k in target_state if k.startswith(target_prefix) and not target_is_extra(k)
-    }
-    outside = [k for k in target_state if not k.startswith(target_prefix) and not target_is_extra(k)]
 
-    notes = list(ck.notes)
+def _adapt_encoder(ck: Any, ck_encoder: dict, model: nn.Module, target_prefix: str, target_encoder: dict,
+                   target_state: dict, resize_pos_embed: bool, notes: list[str]) -> None:
+    """Renames and reshapes the checkpoint's encoder weights in place where the model asks for it, with a note."""
     # A ViT fine-tuned with global average pooling normalises after pooling (fc_norm) instead of per
     # token (norm); the pretrained final LayerNorm is the natural start for it.
     pools_by_average = "fc_norm.weight" in target_encoder and "norm.weight" not in target_encoder
@@ -298,51 +343,22 @@ def load_pretrained(
             notes.append(f"pos_embed resampled from {tuple(old.shape)} to {tuple(new.shape)} (bicubic)")
 
     _fold_rgb_stems(ck_encoder, target_encoder, target_state, notes)
-    load_extra = ck.kind == target_kind and (target_kind != "backbone" or load_head)
+
+
+def _match(weights: dict, targets: dict, target_state: dict) -> tuple[dict, list[str], list[str]]:
+    """Which of ``weights`` (by name) load into the model's keys ``targets`` (name -> key): (to load, missing keys,
+    shape mismatches)."""
     to_load: dict[str, torch.Tensor] = {}
     missing: list[str] = []
     mismatch: list[str] = []
-    dropped: list[str] = []
-    for name, target_key in target_encoder.items():
-        if name not in ck_encoder:
+    for name, target_key in targets.items():
+        if name not in weights:
             missing.append(target_key)
-        elif ck_encoder[name].shape != target_state[target_key].shape:
-            mismatch.append(_shape_mismatch(target_key, ck_encoder[name], target_state[target_key]))
+        elif weights[name].shape != target_state[target_key].shape:
+            mismatch.append(_shape_mismatch(target_key, weights[name], target_state[target_key]))
         else:
-            to_load[target_key] = ck_encoder[name]
-    unexpected += [ck_prefix + name for name in ck_encoder if name not in target_encoder]
-    if load_extra:
-        for key in target_extra:
-            if key not in ck_extra:
-                missing.append(key)
-            elif ck_extra[key].shape != target_state[key].shape:
-                mismatch.append(_shape_mismatch(key, ck_extra[key], target_state[key]))
-            else:
-                to_load[key] = ck_extra[key]
-        unexpected += [k for k in ck_extra if k not in target_extra]
-        new_keys = outside
-    else:
-        dropped = sorted(ck_extra)
-        new_keys = sorted(target_extra) + outside
-
-    if ck.kind == "masked_cnn" and target_kind != "masked_cnn" and any("running_mean" in k for k in to_load):
-        notes.append(
-            "BatchNorm running statistics come from masked inputs; fine-tuning in train mode re-estimates them"
-        )
-    report = LoadReport(
-        source=ck.source, kind=ck.kind, arch=ck_arch, loaded=len(to_load), missing=missing,
-        unexpected=unexpected, shape_mismatch=mismatch, dropped=dropped, new_keys=new_keys, notes=notes,
-    )
-    if not report.ok:
-        hint = ""
-        if "backbone_kwargs" in ck.config:
-            hint = f"; build the model with the checkpoint's backbone_kwargs {ck.config['backbone_kwargs']}"
-        raise CheckpointMismatchError(f"checkpoint does not fit the {target_arch} model:\n{report.summary()}{hint}")
-
-    result = model.load_state_dict(to_load, strict=False)
-    if result.unexpected_keys or sorted(result.missing_keys) != sorted(missing + new_keys):
-        raise RuntimeError(f"load_pretrained bookkeeping disagrees with torch: {result}")  # a bug here, not bad input
-    return report
+            to_load[target_key] = weights[name]
+    return to_load, missing, mismatch
 
 
 def _as_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], kind: str) -> _Checkpoint:
