@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from osteolib.cli.osteo import main, run_profile
+from osteolib.data import read_manifest
 
 TINY_PROFILE = """\
 name: tiny_predict
@@ -39,9 +40,10 @@ def tiny_run(tmp_path_factory) -> Path:
 
 def _test_split(run: Path) -> tuple[pd.DataFrame, list[str]]:
     predictions = pd.read_csv(next((run / "predictions").glob("*.csv")), dtype={"image_id": str})
-    manifest = pd.read_csv(run / "data" / "manifest.csv", dtype=str).set_index("image_id")
+    # read_manifest resolves the paths, which the file stores relative to itself
+    manifest = read_manifest(run / "data" / "manifest.csv").set_index("image_id")
     test = predictions[predictions["split"] == "test"].reset_index(drop=True)
-    return test, manifest.loc[test["image_id"], "path"].tolist()
+    return test, [str(p) for p in manifest.loc[test["image_id"], "path"]]
 
 
 @pytest.mark.slow
