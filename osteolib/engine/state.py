@@ -52,7 +52,9 @@ FINAL = "final.pt"
 BEST = "best.pt"
 HISTORY_CSV = "history.csv"
 HISTORY_JSON = "history.json"
-CHECKPOINT_FORMAT = "osteolib.engine/1"
+# the on-disk format name, written by every checkpoint since the engine was osteolib.train: kept so earlier
+# runs' checkpoints load and resume
+CHECKPOINT_FORMAT = "osteolib.train/1"
 
 # Config fields that do not change the trained weights: a resumed run may differ in these.
 RESUME_FREE_FIELDS = ("checkpoint_every",)

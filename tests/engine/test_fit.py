@@ -430,3 +430,11 @@ def test_real_mae_through_fit(cache, tmp_path):
     resumed = fit(mae(), _dls(cache, region_aware=True), cfg, tmp_path / "cut", stage="pretrain", quiet=True,
                   resume=True, **biased)
     assert _same_weights(full.model, resumed.model)
+
+
+def test_the_checkpoint_format_name_stays_what_earlier_runs_wrote():
+    """Every checkpoint on disk says format "osteolib.train/1" (the engine's name when it was written); renaming it
+    would make earlier runs' models fail to load (this happened once in the layout move)."""
+    from osteolib.engine import state
+
+    assert state.CHECKPOINT_FORMAT == "osteolib.train/1"
