@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="which fine-tuned model of the run (default: its only one)")
     parser.add_argument("--out", required=True, help="a new or empty folder for predictions.csv and the overlays")
     parser.add_argument("--no-overlays", action="store_true",
-                        help="skip the Grad-CAM overlay images (probabilities only; several times faster)")
+                        help="skip the Grad-CAM overlay images: probabilities only, no backward pass and no "
+                             "PNG per image (bench/predict_throughput.py measures the difference)")
     parser.add_argument("--batch-size", type=int, help="images per forward pass (default: the one the run "
                                                        "predicted with, which keeps its exact numbers)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
