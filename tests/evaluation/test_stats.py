@@ -107,6 +107,15 @@ def test_delong_auc_equals_sklearn(ties):
 
 
 @pytest.mark.parametrize("ties", [False, True])
+def test_rank_auc_equals_sklearn_and_is_nan_for_one_class(ties):
+    y, a, _ = _scores(300, 1.0, seed=3, ties=ties)
+    assert st.rank_auc(y, a) == pytest.approx(roc_auc_score(y, a), abs=1e-12)
+    assert st.rank_auc(y.astype(bool), a) == st.rank_auc(y, a)
+    assert math.isnan(st.rank_auc(np.ones(5, dtype=int), np.arange(5.0)))
+    assert math.isnan(st.rank_auc(np.zeros(5, dtype=int), np.arange(5.0)))
+
+
+@pytest.mark.parametrize("ties", [False, True])
 def test_delong_covariance_equals_direct_structural_components(ties):
     y, a, b = _scores(70, 1.0, seed=5, ties=ties)
     if ties:

@@ -33,7 +33,7 @@ from __future__ import annotations
 from osteolib.evaluation.stats.classes import MACRO, class_auc_table, confusion_table
 from osteolib.evaluation.stats.clusters import ClusterBootstrapResult, cluster_bootstrap_ci, one_per_cluster
 from osteolib.evaluation.stats.comparisons import COMPARISON_COLUMNS, auc_table, compare_scenarios
-from osteolib.evaluation.stats.delong import AUCResult, PairedResult, delong_auc, delong_paired
+from osteolib.evaluation.stats.delong import AUCResult, PairedResult, delong_auc, delong_paired, rank_auc
 from osteolib.evaluation.stats.intervals import BootstrapResult, bootstrap_ci, critical_z, wilson_ci
 from osteolib.evaluation.stats.mcnemar import MCNEMAR_EXACT_BELOW, McNemarResult, mcnemar_paired
 from osteolib.evaluation.stats.mixed import FEW_GROUPS, ModelResult, agreement_model, mixed_model
@@ -64,6 +64,7 @@ __all__ = [
     "PairedResult",
     "delong_auc",
     "delong_paired",
+    "rank_auc",
     "BootstrapResult",
     "bootstrap_ci",
     "critical_z",

@@ -11,10 +11,9 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import roc_auc_score
 
 from osteolib.evaluation.stats.clusters import cluster_bootstrap_ci, one_per_cluster
-from osteolib.evaluation.stats.delong import delong_auc
+from osteolib.evaluation.stats.delong import delong_auc, rank_auc
 from osteolib.evaluation.stats.patients import PATIENT_COLUMN
 from osteolib.evaluation.stats.views import PROB_PREFIX, RUN_KEYS, require_columns, select_split
 
@@ -29,7 +28,7 @@ def _macro_auc(targets: np.ndarray, probs: np.ndarray) -> float:
     present = np.unique(targets)
     if present.size < 2:
         return float("nan")
-    return float(np.mean([roc_auc_score(targets == k, probs[:, k]) for k in present]))
+    return float(np.mean([rank_auc(targets == k, probs[:, k]) for k in present]))
 
 
 def _one_class(y: np.ndarray, score: np.ndarray, patients: np.ndarray, alpha: float, n_boot: int,
@@ -37,8 +36,7 @@ def _one_class(y: np.ndarray, score: np.ndarray, patients: np.ndarray, alpha: fl
     if one_per_cluster(patients):
         result = delong_auc(y, score, alpha=alpha)
         return {"auc": result.auc, "auc_ci_low": result.ci_low, "auc_ci_high": result.ci_high, "ci_method": "DeLong"}
-    result = cluster_bootstrap_ci(lambda t, s: roc_auc_score(t, s), patients, y, score, n_boot=n_boot, seed=seed,
-                                  alpha=alpha)
+    result = cluster_bootstrap_ci(rank_auc, patients, y, score, n_boot=n_boot, seed=seed, alpha=alpha)
     return {"auc": result.estimate, "auc_ci_low": result.ci_low, "auc_ci_high": result.ci_high,
             "ci_method": "patient cluster bootstrap"}
 

@@ -92,6 +92,22 @@ def _delong_components(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, n
     return aucs, s10 / m + s01 / n
 
 
+def rank_auc(y_true: Any, scores: Any) -> float:
+    """ROC AUC by midranks (the Mann-Whitney statistic, ties counting one half), NaN when a class is absent.
+
+    The same number as scikit-learn's ``roc_auc_score`` for a 0/1 label, without its input checks: bootstraps call
+    it thousands of times (sklearn's checks cost ~1 ms a call, most of a 2000-resample interval's time).
+    """
+    y = np.asarray(y_true).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    m = int(y.sum())
+    n = y.size - m
+    if m == 0 or n == 0:
+        return math.nan
+    ranks = sps.rankdata(s)
+    return float((ranks[y].sum() - m * (m + 1) / 2.0) / (m * n))
+
+
 def delong_auc(y_true: Any, scores: Any, alpha: float = 0.05) -> AUCResult:
     """ROC AUC with its DeLong standard error and a (1 - alpha) normal CI clipped to [0, 1]."""
     z = critical_z(alpha)

@@ -12,14 +12,13 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import roc_auc_score
 
 from osteolib.evaluation.stats.clusters import cluster_bootstrap_ci, one_per_cluster
 from osteolib.evaluation.stats.comparisons import auc_table, compare_scenarios
-from osteolib.evaluation.stats.delong import delong_auc
+from osteolib.evaluation.stats.delong import delong_auc, rank_auc
 from osteolib.evaluation.stats.intervals import wilson_ci
 from osteolib.evaluation.stats.patients import PATIENT_COLUMN, patient_predictions
-from osteolib.evaluation.stats.views import PROB_PREFIX, RUN_KEYS, require_columns, run_label, run_view, select_split
+from osteolib.evaluation.stats.views import RUN_KEYS, require_columns, run_label, run_view, select_split
 
 
 def _mean(values: np.ndarray) -> float:
@@ -35,8 +34,7 @@ def _image_level(view: Any, patients: np.ndarray, alpha: float, n_boot: int, see
         return {"auc": auc.auc, "auc_ci_low": auc.ci_low, "auc_ci_high": auc.ci_high,
                 "accuracy": _mean(correct), "accuracy_ci_low": acc_low, "accuracy_ci_high": acc_high,
                 "image_ci_method": "DeLong / Wilson (one image per patient)"}
-    auc = cluster_bootstrap_ci(lambda t, s: roc_auc_score(t, s), patients, y, score, n_boot=n_boot, seed=seed,
-                               alpha=alpha)
+    auc = cluster_bootstrap_ci(rank_auc, patients, y, score, n_boot=n_boot, seed=seed, alpha=alpha)
     acc = cluster_bootstrap_ci(_mean, patients, correct, n_boot=n_boot, seed=seed, alpha=alpha)
     return {"auc": auc.estimate, "auc_ci_low": auc.ci_low, "auc_ci_high": auc.ci_high,
             "accuracy": acc.estimate, "accuracy_ci_low": acc.ci_low, "accuracy_ci_high": acc.ci_high,
@@ -70,8 +68,8 @@ def patient_auc_table(predictions_df: pd.DataFrame, split: str | None = "test", 
                      "patient_auc_ci_high": patient_row["auc_ci_high"], "patient_accuracy": patient_row["accuracy"],
                      "patient_accuracy_ci_low": patient_row["accuracy_ci_low"],
                      "patient_accuracy_ci_high": patient_row["accuracy_ci_high"],
-                     # several classes: the most probable class is the prediction, no threshold
-                     "threshold": view.threshold if run.filter(like=PROB_PREFIX).shape[1] == 2 else np.nan})
+                     # several classes: the most probable class is the prediction, no threshold (NaN)
+                     "threshold": view.threshold})
     return pd.DataFrame(rows)
 
 
