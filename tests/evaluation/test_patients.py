@@ -141,3 +141,10 @@ def test_mcnemar_on_correctness_with_three_classes():
     direct = stats.mcnemar_paired(correct_a, correct_b)
     assert mcnemar["p_value"] == pytest.approx(direct.p_value)
     assert mcnemar["value"] == pytest.approx(correct_a.mean())
+    # no threshold decides with three classes: the tables say what does
+    assert mcnemar["method"].endswith("; most probable class")
+    delong = result[result["test"] == "delong_auc"].iloc[0]
+    assert delong["method"] == "DeLong paired (z); osteoporosis vs rest"
+    assert delong["value"] == pytest.approx(roc_auc_score(other["label"] == "osteoporosis", other["prob_osteoporosis"]))
+    per_run = stats.auc_table(both, positive="osteoporosis")
+    assert per_run["threshold"].isna().all() and (per_run["positive"] == "osteoporosis").all()

@@ -25,7 +25,8 @@ def auc_table(predictions_df: pd.DataFrame, split: str | None = "test", positive
     """One row per run: n, AUC with DeLong CI, threshold, accuracy with Wilson CI.
 
     Rows of ``split`` only (None = all rows). ``positive`` names the positive class; by default it is the
-    class whose ``target`` is 1 (binary tables only).
+    class whose ``target`` is 1 (binary tables only). With more than two classes the AUC is ``positive`` against
+    the rest, the accuracy that of the most probable class, and ``threshold`` is NaN.
     """
     require_columns(predictions_df, ["image_id", "label", "target", *run_keys], "prediction table")
     df = select_split(predictions_df, split)
@@ -84,12 +85,15 @@ def compare_scenarios(predictions_df: pd.DataFrame, reference: str = "random", b
             dl = delong_paired(view_s.y.to_numpy(), view_s.score.to_numpy(), view_r.score.to_numpy(), alpha=alpha)
             rows.append({**base, "test": "delong_auc", "value": dl.auc_a, "value_reference": dl.auc_b,
                          "effect": dl.diff, "effect_ci_low": dl.ci_low, "effect_ci_high": dl.ci_high,
-                         "statistic": dl.z, "p_value": dl.p_value, "method": "DeLong paired (z)"})
+                         "statistic": dl.z, "p_value": dl.p_value, "method": "DeLong paired (z)" + (
+                             f"; {view_s.positive} vs rest" if view_s.n_classes > 2 else "")})
             mc = mcnemar_paired(view_s.correct.to_numpy(), view_r.correct.to_numpy(), alpha=alpha)
             rows.append({**base, "test": "mcnemar_accuracy", "value": mc.accuracy_a, "value_reference": mc.accuracy_b,
                          "effect": mc.diff, "effect_ci_low": mc.diff_ci_low, "effect_ci_high": mc.diff_ci_high,
                          "statistic": mc.statistic, "p_value": mc.p_value,
-                         "method": f"{mc.method}; thresholds {view_s.threshold:g} / {view_r.threshold:g}",
+                         "method": f"{mc.method}; " + (
+                             "most probable class" if view_s.n_classes > 2
+                             else f"thresholds {view_s.threshold:g} / {view_r.threshold:g}"),
                          "discordant_b": mc.b, "discordant_c": mc.c, "odds_ratio": mc.odds_ratio,
                          "odds_ratio_ci_low": mc.odds_ratio_ci_low, "odds_ratio_ci_high": mc.odds_ratio_ci_high})
     columns = by + [c for c in COMPARISON_COLUMNS if c not in by and c not in ("backbone", "seed")]

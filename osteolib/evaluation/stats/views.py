@@ -1,6 +1,7 @@
 """Prediction tables reduced to what the paired tests need: one view per run, indexed by image_id."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -45,8 +46,9 @@ class RunView:
     y: pd.Series          # 1 = positive class
     score: pd.Series      # probability of the positive class
     correct: pd.Series    # predicted class == true class
-    threshold: float
+    threshold: float      # the run's decision threshold; NaN with more than two classes (the most probable wins)
     positive: str
+    n_classes: int = 2
 
 
 def run_view(run: pd.DataFrame, positive: str | None, run_name: str) -> RunView:
@@ -83,7 +85,9 @@ def run_view(run: pd.DataFrame, positive: str | None, run_name: str) -> RunView:
     if bad.any():
         raise ValueError(f"run {run_name} has {int(bad.sum())} row(s) with missing/non-finite probabilities (e.g. "
                          f"image_id {run['image_id'].to_numpy()[bad][:5].tolist()}); fix the prediction file")
-    if "threshold" in run.columns:
+    if len(classes) > 2:
+        threshold = math.nan  # no threshold: the most probable class is the prediction (below)
+    elif "threshold" in run.columns:
         thresholds = run["threshold"].dropna().unique()
         if len(thresholds) != 1:
             raise ValueError(f"run {run_name} has {len(thresholds)} distinct thresholds {list(thresholds)[:5]}; "
@@ -104,7 +108,8 @@ def run_view(run: pd.DataFrame, positive: str | None, run_name: str) -> RunView:
         correct = predicted == labels
     index = pd.Index(run["image_id"].astype(str), name="image_id")
     return RunView(y=pd.Series(y.astype(int), index=index), score=pd.Series(score, index=index),
-                   correct=pd.Series(correct, index=index), threshold=threshold, positive=positive)
+                   correct=pd.Series(correct, index=index), threshold=threshold, positive=positive,
+                   n_classes=len(classes))
 
 
 def run_label(keys: Sequence[str], values: Sequence[Any], scenario: str | None = None) -> str:
@@ -125,7 +130,7 @@ def align_runs(view_a: RunView, view_b: RunView, name_a: str, name_b: str) -> tu
                          "tests need the same test images, so re-run the predictions on the same split")
     order = view_a.y.index
     aligned_b = RunView(y=view_b.y.loc[order], score=view_b.score.loc[order], correct=view_b.correct.loc[order],
-                        threshold=view_b.threshold, positive=view_b.positive)
+                        threshold=view_b.threshold, positive=view_b.positive, n_classes=view_b.n_classes)
     mismatch = aligned_b.y.to_numpy() != view_a.y.to_numpy()
     if mismatch.any():
         raise ValueError(f"runs {name_a} and {name_b} disagree on the label of {int(mismatch.sum())} image(s) (e.g. "
