@@ -46,6 +46,11 @@ def plot_confusion_matrix(cm: Any, classes: Sequence[str], normalize: str | None
                 annot_kws={"fontsize": 8})
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
+    # row names read horizontally (seaborn turns them upright, onto the axis label); with several classes the
+    # column names slant so that long ones (osteopenia, osteoporosis) do not run into each other
+    ax.tick_params(axis="y", labelrotation=0)
+    if len(classes) > 2:
+        plt.setp(ax.get_xticklabels(), rotation=30, ha="right", rotation_mode="anchor")
     ax.set_title(title or ("confusion matrix" + (f" (normalised over {normalize})" if normalize else "")))
     fig.tight_layout()
     return fig
