@@ -1,6 +1,6 @@
 """Recall and false pairs of the copy detector (osteolib.data.duplicates) on synthetic shoulder radiographs.
 
-    .venv/bin/python bench/near_duplicates.py [--patients 150] [--copies 3] [--size 128] [--seed 0]
+    .venv/bin/python bench/near_duplicates.py [--patients 150] [--copies 3] [--size 256] [--seed 0]
                                               [--out bench/results/near_duplicates.json]
 
 For ``--patients`` distinct synthetic patients (one radiograph each, saved as PNG; distinct patients share one
@@ -33,7 +33,7 @@ from PIL import Image
 from scipy import ndimage
 
 from osteolib.data import synthetic
-from osteolib.data.duplicates import find_copies
+from osteolib.data.duplicates import DEFAULT_MIN_MATCHES, DEFAULT_MIN_TEXTURE, find_copies
 
 
 def make_copy(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
@@ -124,8 +124,8 @@ def score(table: pd.DataFrame, pairs: pd.DataFrame) -> dict:
         "false_pair_image_share": round(len(in_false) / n, 4),
         "distinct_source_comparisons": distinct_comparisons,
         "false_pairs_per_distinct_comparison": len(false) / max(distinct_comparisons, 1),
-        "lowest_true_score": float(pairs.loc[same, "score"].min()) if same.any() else None,
-        "highest_false_score": float(false["score"].max()) if len(false) else None,
+        "fewest_true_matches": int(pairs.loc[same, "matches"].min()) if same.any() else None,
+        "most_false_matches": int(false["matches"].max()) if len(false) else None,
     }
 
 
@@ -143,9 +143,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patients", type=int, default=150)
     parser.add_argument("--copies", type=int, default=3)
-    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threshold", type=float, default=None, help="default: the detector's")
+    parser.add_argument("--min-matches", type=int, default=None, help="default: the detector's")
+    parser.add_argument("--min-texture", type=float, default=None, help="default: the detector's")
     parser.add_argument("--out", default="bench/results/near_duplicates.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
@@ -153,16 +154,18 @@ def main() -> None:
         table = build_fixture(Path(folder), args.patients, args.copies, args.size, args.seed)
         built = time.perf_counter() - started
         started = time.perf_counter()
-        options = {} if args.threshold is None else {"threshold": args.threshold}
-        pairs = find_copies(table, **options)
+        # every verified candidate, to see how matches and texture spread; the detector's thresholds applied after
+        every = find_copies(table, min_matches=1, min_texture=-np.inf)
         seconds = time.perf_counter() - started
-        low = find_copies(table, threshold=-1.0)  # every verified candidate: how the scores spread
+        threshold = DEFAULT_MIN_MATCHES if args.min_matches is None else args.min_matches
+        texture = DEFAULT_MIN_TEXTURE if args.min_texture is None else args.min_texture
+        pairs = every[(every["matches"] >= threshold) & (every["texture"] >= texture)]
     result = {
         "benchmark": "near_duplicates", "cpu": cpu_model(), "cpu_count": __import__("os").cpu_count(),
-        "python": platform.python_version(), "settings": vars(args),
+        "python": platform.python_version(), "settings": {**vars(args), "min_matches": threshold, "min_texture": texture},
         "fixture_seconds": round(built, 2), "detector_seconds_including_decode": round(seconds, 2),
         **score(table, pairs),
-        "score_spread_of_verified_candidates": _spread(table, low),
+        "match_spread_of_verified_candidates": _spread(table, every),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -171,15 +174,18 @@ def main() -> None:
 
 
 def _spread(table: pd.DataFrame, pairs: pd.DataFrame) -> dict:
-    """Quantiles of the verified score for true and for false candidate pairs: the margin around the threshold."""
+    """Quantiles of matches and texture agreement for true and for false candidate pairs: the margins around the
+    thresholds (true pairs: the low end; false pairs: the high end)."""
     source = dict(zip(table["image_id"], table["source"]))
     same = np.array([source[a] == source[b] for a, b in zip(pairs["image_id_a"], pairs["image_id_b"])], bool)
-    quantiles = [0.0, 0.01, 0.05, 0.5]
-    return {
-        "true": {f"q{q:g}": round(float(pairs.loc[same, "score"].quantile(q)), 3) for q in quantiles} if same.any() else {},
-        "false": {f"q{1 - q:g}": round(float(pairs.loc[~same, "score"].quantile(1 - q)), 3) for q in quantiles}
-        if (~same).any() else {},
-    }
+    out = {}
+    for column in ("matches", "texture"):
+        true, false = pairs.loc[same, column].dropna(), pairs.loc[~same, column].dropna()
+        out[column] = {
+            "true": {f"q{q:g}": round(float(true.quantile(q)), 3) for q in (0.0, 0.01, 0.05, 0.5)} if len(true) else {},
+            "false": {f"q{q:g}": round(float(false.quantile(q)), 3) for q in (1.0, 0.99, 0.95, 0.5)} if len(false) else {},
+        }
+    return out
 
 
 if __name__ == "__main__":

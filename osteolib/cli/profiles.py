@@ -195,6 +195,7 @@ def check_datasets(profile: Profile) -> list[str]:
     from osteolib.data.audit import class_order
     from osteolib.data.manifest import ManifestError
     from osteolib.data.sources import check_dataset_spec, map_classes
+    from osteolib.data.splits import COPY_POLICIES
 
     problems: list[str] = []
     seen: set[str] = set()
@@ -204,6 +205,10 @@ def check_datasets(profile: Profile) -> list[str]:
         name, target = DATASET_PARAMETERS[step.notebook]
         for execution in step.executions(profile.parameters):
             params = execution.parameters
+            policy = params.get("near_duplicates", COPY_POLICIES[0])
+            if target and policy not in COPY_POLICIES:
+                problems.append(f"profile {profile.name}, step {step.notebook}, near_duplicates: {policy!r} is not a "
+                                f"policy for copies of one radiograph. What to do: use one of {list(COPY_POLICIES)}")
             if name not in params:
                 continue
             value = params[name]

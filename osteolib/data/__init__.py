@@ -57,6 +57,7 @@ from osteolib.data.splits import (
     group_copies,
     copies_across_splits,
     check_copies,
+    check_copy_policy,
 )
 from osteolib.data import builtin
 from osteolib.data.builtin import (
@@ -192,6 +193,7 @@ __all__ = [
     "group_copies",
     "copies_across_splits",
     "check_copies",
+    "check_copy_policy",
     "SPEC_KINDS",
     "SPEC_KEYS",
     "BOX_COLUMNS",

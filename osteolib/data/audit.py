@@ -149,8 +149,12 @@ def class_order(labels: Sequence[str], classes: Sequence[str] | None = None,
 def audit_summary(df: pd.DataFrame, cache, scan: pd.DataFrame, near_dups: pd.DataFrame,
                   conflicts: pd.DataFrame, associations: pd.DataFrame, warnings: list[str],
                   settings: dict[str, Any], classes: Sequence[str] | None = None,
-                  positive_class: str | None = None) -> dict[str, Any]:
+                  positive_class: str | None = None, copies: pd.DataFrame | None = None,
+                  copy_policy: str | None = None) -> dict[str, Any]:
     """Everything later notebooks need from the audit, JSON-ready.
+
+    ``copies`` (pairs from :func:`osteolib.data.duplicates.find_copies`) and the ``copy_policy`` applied to
+    them add how many pairs were found, how many cross splits, and how many patients grouping joined.
 
     ``classes`` / ``positive_class`` (see :func:`class_order`) order ``"classes"`` with the positive class
     last and add ``"positive_class"``; without them the summary is as it always was (sorted classes).
@@ -183,11 +187,21 @@ def audit_summary(df: pd.DataFrame, cache, scan: pd.DataFrame, near_dups: pd.Dat
         "near_duplicate_pairs_across_splits": int((near_dups["split_a"] != near_dups["split_b"]).sum())
         if len(near_dups) else 0,
         "label_conflicts": int(len(conflicts)),
+        **(_copy_counts(df, copies, copy_policy) if copies is not None else {}),
         "associations": associations.to_dict("records"),
         "confounder_warnings": warnings,
         "excluded_rows": df.attrs.get("excluded", {}),
         **listed,
     }
+
+
+def _copy_counts(df: pd.DataFrame, copies: pd.DataFrame, policy: str | None) -> dict[str, Any]:
+    split_of = dict(zip(df["image_id"].astype(str), df["split"].astype(str)))
+    crossing = sum(split_of.get(str(a)) != split_of.get(str(b)) for a, b in zip(copies["image_id_a"], copies["image_id_b"]))
+    joined = (int(df["patient_id_original"].nunique() - df["patient_id"].nunique())
+              if "patient_id_original" in df.columns else 0)
+    return {"copy_policy": policy, "copy_pairs": int(len(copies)), "copy_pairs_across_splits": int(crossing),
+            "patients_joined_by_copies": joined}
 
 
 def write_json(data: dict[str, Any], path: str | Path) -> Path:

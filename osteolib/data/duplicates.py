@@ -2,326 +2,357 @@
 re-exposed, recompressed) and the same picture under two names.
 
 A copy in train and another in test inflates the test score, and a perceptual hash (see
-:func:`osteolib.data.splits.near_duplicates`) misses a copy as soon as it is flipped or rotated by a
-few degrees. :func:`find_copies` works in two steps:
+:func:`osteolib.data.splits.near_duplicates`) misses a copy as soon as it is flipped or rotated by a few
+degrees. Two radiographs of different patients may look alike as a whole (one anatomy, one pose), but their
+fine structure (trabeculae, film grain, noise) differs point by point. :func:`find_copies` therefore asks
+whether many small local patterns of one image reappear in the other *in one rigid arrangement*:
 
-1. **Shortlist.** Every image becomes a small thumbnail whose pixel values are replaced by their
-   ranks (any brightness, contrast or gamma change is a monotone map of the values, and ranks do not
-   see a monotone map). A blurred 16 px disc of it is compared with the 4 flips x 7 rotations
-   (-15 deg to +15 deg) of every other image in one matrix product; each image keeps its
-   ``neighbours`` most similar images, with the flip and rotation that fitted best.
-2. **Verification.** Each shortlisted pair is aligned at 64 px: the flip from the shortlist, rotations
-   around its angle, the shift by phase correlation. The score is the correlation of the two
-   rank images over the part of the central disc that both cover. A well-aligned copy scores near 1;
-   different radiographs score lower, by how much depends on how alike they look (below), because noise,
-   film grain and fine bone texture differ. Pairs at or above ``threshold`` are reported.
+1. **Keypoints.** Each image, its longer side resized to :data:`DETECT_SIZE` and its grey levels stretched
+   between the 0.5th and 99.5th percentiles, gets SIFT keypoints and descriptors (OpenCV), once as it is and
+   once mirrored left-right. SIFT descriptors are normalised gradient histograms: brightness, contrast and
+   gamma changes and JPEG recompression barely move them, and each keypoint carries its own orientation, so
+   rotations do not either. A mirror is the one change SIFT does not absorb, hence the second, mirrored set
+   (an up-down flip is a left-right mirror plus a half turn).
+2. **Shortlist.** One approximate nearest-neighbour index (FLANN k-d trees) over every image's descriptors;
+   each image's descriptors (as is and mirrored) vote for the images their nearest neighbours belong to, and
+   the ``neighbours`` images with most votes become candidates.
+3. **Verification.** Each candidate pair is matched properly (Lowe's ratio test between the two images only)
+   and a similarity transform (rotation, uniform scale, shift; a mirror when the mirrored set matched) is
+   fitted by RANSAC. The score is the number of matches it explains within :data:`REPROJECTION_PX`.
+   Copies keep dozens; look-alike radiographs of different patients a handful at most, because their
+   fine structure does not line up. Pairs with at least ``min_matches`` are reported.
 
-Measured limit (bench/near_duplicates.py): on synthetic shoulders, whose distinct patients are one
-anatomy template under slightly different poses, the 64 px low-pass score does not separate copies
-from look-alike patients well enough (see the report in bench/results/near_duplicates.json); a finer
-verification (higher resolution, scale/anisotropic search, sub-pixel alignment) is the next step.
-On the smoke profile's data (``load_dataset("synthetic_shoulder", n_patients=160, difficulty=0.2, size=64,
-seed=0)``, no copies at all) this version reports 521 pairs, every one between different patients (scores up
-to 0.992): it must NOT gate a default run until that count is 0. Tried and measured (not adopted yet): a
-shortlist on the whitened low-frequency log-magnitude FFT (64 px, |k| <= 16, 2 flips x 13 rotations) keeps
-76 % of true pairs among 30 neighbours (this one: 22 %); a verification by patch-wise affine alignment at
-128 px and high-pass residual correlation did not separate either (copies median 0.47-0.79, distinct
-look-alikes 0.20-0.49 median and up to 0.46-0.79 max, for high-pass sigma 0.6-2 px): the synthetic patients'
-sharp anatomical edges, not only their noise, survive the high-pass.
+Measured on synthetic shoulders (bench/near_duplicates.py; results in bench/results/near_duplicates.json):
+see the module's benchmark for recall and false pairs. Randomness (FLANN's trees, RANSAC's samples) is seeded,
+so one manifest always gives the same pairs.
 
-Images come either from the files (decoded once each with :func:`osteolib.data.io.read_xray`) or,
-better in the audit notebook, from the preprocessing cache's arrays, which are decoded already.
-The detector does not need the split: run it before :func:`osteolib.data.splits.patient_split`
-so that copies can be grouped into one patient (see :func:`osteolib.data.splits.group_copies`).
+The detector does not need the split: run it before :func:`osteolib.data.splits.patient_split` so that copies
+can be grouped into one patient (see :func:`osteolib.data.splits.group_copies`).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
+import cv2
 import numpy as np
 import pandas as pd
-from PIL import Image
-from scipy import ndimage
 
-THUMB = 64          # verification size (px): fine enough for the noise and texture that tell radiographs apart
-SHORT = 16          # shortlist descriptor size (px): coarse, so shifts and small misalignments barely matter
-FLIPS = ("none", "h", "v", "hv")  # "hv" is a 180 deg rotation; together they cover every flip a lab applies
-SHORTLIST_ANGLES = (-15.0, -10.0, -5.0, 0.0, 5.0, 10.0, 15.0)
-REFINE_STEPS = (-2.5, 0.0, 2.5)  # around the shortlist's angle (its grid step is 5 deg)
-MAX_SHIFT = 0.2     # largest shift searched, as a share of the side (10 % shift plus crop offsets)
-MIN_OVERLAP = 0.5   # a score needs at least this share of the central disc covered by both images
-DEFAULT_THRESHOLD = 0.95
-DEFAULT_NEIGHBOURS = 8
-PAIR_COLUMNS = ["image_id_a", "image_id_b", "score", "transform", "flip", "rotation_deg", "shift_x", "shift_y",
-                "split_a", "split_b", "patient_a", "patient_b"]
+DETECT_SIZE = 256       # longer side (px) the detector looks at: fine texture survives, SIFT stays fast
+FEATURES = 300          # keypoints kept per image (the strongest)
+CONTRAST = 0.005        # SIFT's contrast threshold; OpenCV's 0.04 finds almost nothing in a soft radiograph
+RATIO = 0.8             # Lowe's ratio test: a match must be clearly better than the second-best
+REPROJECTION_PX = 3.0   # at DETECT_SIZE (scaled down for smaller images): a match agrees with the transform
+LOOKUP_K = 16           # nearest descriptors looked up per descriptor (enough to reach CROWD other images)
+CROWD = 6               # the match must beat the nearest descriptor of the CROWD-th nearest other image
+MAX_ROTATION_DEG = 30.0  # after any flip: augmentation scripts rotate by a few degrees (the issue: up to 15)
+SCALE_RANGE = (0.75, 1.33)  # crops of up to ~25 % resized back, or the other way round
+DEFAULT_MIN_MATCHES = 12  # look-alikes of the synthetic template reach 9 at 64 px, where grain is gone
+DETAIL_SIGMA = 0.6      # px at the detector image: the grain and trabecular scale that tells radiographs apart
+PATCH = 16              # px: the squares whose fine detail is compared one by one
+DEFAULT_MIN_TEXTURE = 0.2
+DEFAULT_NEIGHBOURS = 12
+SEED = 0
+PAIR_COLUMNS = ["image_id_a", "image_id_b", "matches", "texture", "transform", "flip", "rotation_deg", "scale",
+                "shift_x", "shift_y", "split_a", "split_b", "patient_a", "patient_b"]
 
 
-# ------------------------------------------------------------------------------------------------ inputs
+@dataclass
+class Keypoints:
+    """One image's keypoint positions (x, y at DETECT_SIZE scale) and SIFT descriptors, as is and mirrored.
 
-def load_thumbnails(paths: Sequence[str], size: int = THUMB) -> np.ndarray:
-    """Decode each file once (:func:`read_xray`) and resize it to size x size: a (N, size, size) float32 array."""
+    The mirrored set's positions are given in the *unmirrored* image's frame with x negated, so that a
+    transform fitted on them is a proper similarity whose reflection is the mirror itself."""
+    points: np.ndarray
+    descriptors: np.ndarray
+    mirrored_points: np.ndarray
+    mirrored_descriptors: np.ndarray
+    image: np.ndarray  # the detector image (uint8), for the texture check
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.image.shape[:2]
+
+
+# ------------------------------------------------------------------------------------------------ keypoints
+
+def to_detector_image(pixels: np.ndarray) -> np.ndarray:
+    """uint8 image whose longer side is at most DETECT_SIZE, grey levels stretched between the 0.5th and 99.5th
+    percentiles (8-bit, 16-bit and float inputs all end up alike)."""
+    array = np.asarray(pixels, dtype=np.float32)
+    if array.ndim == 3:
+        array = array.mean(axis=2)
+    low, high = np.percentile(array, [0.5, 99.5])
+    array = np.clip((array - low) / max(float(high - low), 1e-6), 0, 1) * 255
+    height, width = array.shape
+    factor = DETECT_SIZE / max(height, width)
+    if factor >= 1:  # never enlarged: an enlarged small image has smooth anatomy only, which look-alikes share
+        return array.round().astype(np.uint8)
+    size = (max(1, round(width * factor)), max(1, round(height * factor)))
+    return cv2.resize(array, size, interpolation=cv2.INTER_AREA).round().astype(np.uint8)  # area: no aliasing
+
+
+def keypoints(image: np.ndarray, sift: cv2.SIFT | None = None) -> Keypoints:
+    """SIFT keypoints of a detector image (:func:`to_detector_image`), as is and mirrored left-right."""
+    sift = sift or cv2.SIFT_create(nfeatures=FEATURES, contrastThreshold=CONTRAST)
+    found = []
+    for mirror in (False, True):
+        view = np.ascontiguousarray(image[:, ::-1]) if mirror else image
+        points, descriptors = sift.detectAndCompute(view, None)
+        xy = np.array([p.pt for p in points], np.float32).reshape(-1, 2)
+        if mirror:  # back to the unmirrored frame, x negated: the mirror becomes part of the transform
+            xy[:, 0] = xy[:, 0] - (image.shape[1] - 1)
+        found += [xy, descriptors if descriptors is not None else np.zeros((0, 128), np.float32)]
+    return Keypoints(*found, image=image)
+
+
+def image_keypoints(images: Sequence[np.ndarray] | None, paths: Sequence[str] | None = None,
+                    progress: Callable | None = None) -> list[Keypoints]:
+    """Keypoints of each image (arrays, or files decoded with :func:`osteolib.data.io.read_xray`)."""
     from osteolib.data.io import read_xray
 
-    out = np.zeros((len(paths), size, size), dtype=np.float32)
-    for row, path in enumerate(paths):
-        out[row] = _resize(read_xray(path).pixels, size)
-    return out
+    sift = cv2.SIFT_create(nfeatures=FEATURES, contrastThreshold=CONTRAST)
+    count = len(images) if images is not None else len(paths)
+    rows = progress(range(count)) if progress else range(count)
+    found = []
+    for row in rows:
+        pixels = images[row] if images is not None else read_xray(paths[row]).pixels
+        found.append(keypoints(to_detector_image(pixels), sift))
+    return found
 
 
-def _resize(pixels: np.ndarray, size: int) -> np.ndarray:
-    # Pillow's bilinear filter anti-aliases when shrinking, so film grain averages out instead of aliasing.
-    image = Image.fromarray(np.asarray(pixels, dtype=np.float32), mode="F")
-    return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
+# ------------------------------------------------------------------------------------------------ matching
 
+def distinctive_matches(found: Sequence[Keypoints], neighbours: int = DEFAULT_NEIGHBOURS) -> pd.DataFrame:
+    """Keypoint matches between images that stand out from the crowd: columns a, b, mirrored, query, train.
 
-def _disc(size: int, margin: float = 0.0) -> np.ndarray:
-    """The inscribed disc: a rotation's empty corners never reach it."""
-    centre = (size - 1) / 2
-    y, x = np.mgrid[:size, :size]
-    return (np.hypot(y - centre, x - centre) <= size / 2 - margin).astype(np.float32)
-
-
-def normalise(images: np.ndarray) -> np.ndarray:
-    """Rank images: each pixel's rank within its image, blurred a little, zero mean and unit variance on the disc.
-
-    Ranks make every monotone intensity change (brightness, contrast, gamma, a different film curve)
-    vanish; the blur (1 px) absorbs JPEG blocking and resampling differences.
+    All descriptors go into one approximate nearest-neighbour index (FLANN k-d trees). A descriptor of image a
+    (as is, or mirrored) matches its nearest descriptor in image b only when that is clearly nearer
+    (:data:`RATIO`) than its nearest descriptor in the :data:`CROWD`-th nearest other image. Radiographs of one
+    anatomy share many patterns that are about equally near in every other image and so never match;
+    a copy's patterns are far nearer in the copy than in anyone else. Comparing with the CROWD-th image
+    rather than the second lets a radiograph have up to CROWD - 1 copies. Per image (and mirror) only the
+    ``neighbours`` images with most matches are kept.
     """
-    n = len(images)
-    thumbs = np.stack([_resize(image, THUMB) if image.shape != (THUMB, THUMB) else np.asarray(image, np.float32)
-                       for image in images]) if n else np.zeros((0, THUMB, THUMB), np.float32)
-    flat = thumbs.reshape(n, -1)
-    ranks = flat.argsort(axis=1).argsort(axis=1).astype(np.float32) / max(flat.shape[1] - 1, 1)
-    ranks = ndimage.gaussian_filter(ranks.reshape(n, THUMB, THUMB), sigma=(0, 1.0, 1.0))
-    disc = _disc(THUMB)
-    inside = disc.astype(bool)
-    mean = ranks[:, inside].mean(axis=1)[:, None, None]
-    std = ranks[:, inside].std(axis=1)[:, None, None] + 1e-6
-    return ((ranks - mean) / std).astype(np.float32)
-
-
-# ------------------------------------------------------------------------------------------------ transforms
-
-def flip(images: np.ndarray, how: str) -> np.ndarray:
-    """Flip the last two axes: "none", "h" (left-right), "v" (up-down) or "hv" (both)."""
-    if how == "h":
-        return images[..., ::-1]
-    if how == "v":
-        return images[..., ::-1, :]
-    if how == "hv":
-        return images[..., ::-1, ::-1]
-    return images
-
-
-def rotate(images: np.ndarray, degrees: float) -> np.ndarray:
-    """Rotate a stack (N, S, S) about each image's centre by ``degrees``, bilinear, zero outside the frame.
-
-    One gather for the whole stack: scipy's affine_transform on a 3-D stack interpolates along the
-    stack axis too (8 neighbours instead of 4) and was the detector's slowest step.
-    """
-    images = np.asarray(images, dtype=np.float32)
-    if degrees == 0:
-        return np.ascontiguousarray(images)
-    size = images.shape[-1]
-    t = np.deg2rad(degrees)
-    centre = (size - 1) / 2
-    y, x = np.mgrid[:size, :size].astype(np.float32) - centre
-    src_y = np.cos(t) * y + np.sin(t) * x + centre  # where each output pixel reads from
-    src_x = -np.sin(t) * y + np.cos(t) * x + centre
-    y0, x0 = np.floor(src_y).astype(int), np.floor(src_x).astype(int)
-    fy, fx = (src_y - y0).astype(np.float32), (src_x - x0).astype(np.float32)
-    out = np.zeros(images.shape[:-2] + (size, size), np.float32)
-    for dy, dx, weight in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx), (1, 0, fy * (1 - fx)), (1, 1, fy * fx)):
-        yy, xx = y0 + dy, x0 + dx
-        inside = (yy >= 0) & (yy < size) & (xx >= 0) & (xx < size)
-        out += images[..., np.clip(yy, 0, size - 1), np.clip(xx, 0, size - 1)] * (weight * inside)
-    return out
-
-
-# ------------------------------------------------------------------------------------------------ shortlist
-
-def _descriptors(thumbs: np.ndarray, how: str, degrees: float) -> np.ndarray:
-    """Unit vectors of the blurred SHORT px disc of each image after ``flip(how)`` then ``rotate(degrees)``."""
-    n = len(thumbs)
-    half = thumbs.reshape(n, THUMB // 2, 2, THUMB // 2, 2).mean(axis=(2, 4))  # rotate at 32 px: 4x cheaper
-    turned = rotate(flip(half, how), degrees)
-    factor = turned.shape[-1] // SHORT
-    small = turned.reshape(n, SHORT, factor, SHORT, factor).mean(axis=(2, 4))
-    small = ndimage.gaussian_filter(small, sigma=(0, 1.0, 1.0))  # a shift of a pixel or two hardly changes it
-    disc = _disc(SHORT).astype(bool)
-    vectors = small[:, disc]
-    vectors = vectors - vectors.mean(axis=1, keepdims=True)
-    return (vectors / (np.linalg.norm(vectors, axis=1, keepdims=True) + 1e-6)).astype(np.float32)
-
-
-def shortlist(thumbs: np.ndarray, neighbours: int = DEFAULT_NEIGHBOURS) -> pd.DataFrame:
-    """Each image's ``neighbours`` most similar others over 4 flips x 7 rotations: columns a, b, flip, angle, similarity.
-
-    ``b`` flipped by ``flip`` and then rotated by ``angle`` looks most like ``a``. An unordered pair found from
-    both sides is kept once (the more similar direction).
-    """
-    n = len(thumbs)
-    k = min(neighbours, n - 1)
-    if k <= 0:
-        return pd.DataFrame(columns=["a", "b", "flip", "angle", "similarity"])
-    variants = [(how, angle) for how in FLIPS for angle in SHORTLIST_ANGLES]
-    reference = _descriptors(thumbs, "none", 0.0)
-    stacked = np.concatenate([_descriptors(thumbs, how, angle) for how, angle in variants])  # (V*N, D)
-    rows: list[tuple[int, int, int, float]] = []
-    block = max(1, 4_000_000 // max(len(stacked), 1))  # keeps each similarity block near 16 MB
-    for start in range(0, n, block):
-        stop = min(n, start + block)
-        sims = (reference[start:stop] @ stacked.T).reshape(stop - start, len(variants), n)
-        best_variant = sims.argmax(axis=1)
-        best = sims.max(axis=1)
-        best[np.arange(stop - start), np.arange(start, stop)] = -np.inf  # never an image with itself
-        nearest = np.argpartition(-best, k - 1, axis=1)[:, :k]
-        for offset, row in enumerate(nearest):
-            for b in row:
-                rows.append((start + offset, int(b), int(best_variant[offset, b]), float(best[offset, b])))
-    table = pd.DataFrame(rows, columns=["a", "b", "variant", "similarity"])
-    table["key"] = [(min(a, b), max(a, b)) for a, b in zip(table["a"], table["b"])]
-    table = table.sort_values("similarity", ascending=False).drop_duplicates("key").sort_values(["a", "b"])
-    table["flip"] = [variants[v][0] for v in table["variant"]]
-    table["angle"] = [variants[v][1] for v in table["variant"]]
-    return table[["a", "b", "flip", "angle", "similarity"]].reset_index(drop=True)
+    sizes = [len(k.descriptors) for k in found]
+    owners = np.repeat(np.arange(len(found)), sizes)
+    if len(found) < 2 or len(owners) == 0:
+        return pd.DataFrame(columns=["a", "b", "mirrored", "query", "train"])
+    cv2.setRNGSeed(SEED)  # FLANN's randomised trees: the same matches on every run
+    index = cv2.FlannBasedMatcher({"algorithm": 1, "trees": 4}, {"checks": 64})
+    index.add([np.concatenate([k.descriptors for k in found]).astype(np.float32)])
+    index.train()
+    k = min(LOOKUP_K, len(owners))
+    frames = []
+    for a, item in enumerate(found):
+        for mirrored, descriptors in ((False, item.descriptors), (True, item.mirrored_descriptors)):
+            rows = []
+            for query, nearest in enumerate(index.knnMatch(descriptors.astype(np.float32), k=k)):
+                first: dict[int, cv2.DMatch] = {}  # each other image's nearest descriptor, in distance order
+                for match in nearest:
+                    owner = int(owners[match.trainIdx])
+                    if owner != a and owner not in first:
+                        first[owner] = match
+                if not first:
+                    continue
+                ordered = list(first.values())
+                crowd = ordered[min(CROWD, len(ordered)) - 1].distance if len(ordered) >= CROWD else nearest[-1].distance
+                rows += [(int(owners[m.trainIdx]), query, m.trainIdx) for m in ordered[:CROWD - 1]
+                         if m.distance < RATIO * crowd]
+            if rows:
+                table = pd.DataFrame(rows, columns=["b", "query", "train"])
+                kept = table["b"].value_counts().index[:neighbours]
+                frames.append(table[table["b"].isin(kept)].assign(a=a, mirrored=mirrored))
+    if not frames:
+        return pd.DataFrame(columns=["a", "b", "mirrored", "query", "train"])
+    matches = pd.concat(frames, ignore_index=True)
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    matches["train"] = matches["train"].to_numpy() - offsets[matches["b"].to_numpy()]  # index within image b
+    return matches[["a", "b", "mirrored", "query", "train"]]
 
 
 # ------------------------------------------------------------------------------------------------ verification
 
-def _padded_fft(images: np.ndarray, pad: int) -> np.ndarray:
-    return np.fft.rfft2(images, s=(pad, pad))
+def fit_similarity(source: np.ndarray, target: np.ndarray, mirrored: bool, tolerance: float = REPROJECTION_PX
+                   ) -> tuple[int, np.ndarray | None]:
+    """The similarity transform (RANSAC) that explains most matched positions, and how many distinct source
+    positions it explains (SIFT puts two keypoints on one spot when it sees two orientations there; they
+    count once). ``mirrored``: the source positions are in the mirrored frame (x negated), undone in the
+    returned 2x3; ``tolerance``: the largest distance (px) at which a match agrees. A transform no augmentation
+    makes (rotation beyond :data:`MAX_ROTATION_DEG`, scale outside :data:`SCALE_RANGE`) counts as no fit.
 
-
-def _aligned_scores(a: np.ndarray, b: np.ndarray, b_valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For stacks of reference ``a`` and moving ``b`` (already flipped and rotated): the correlation on the
-    shared part of the disc after the phase-correlation shift, and that shift (dy, dx) per pair.
-
-    ``b_valid`` (S, S) marks where ``b`` holds picture rather than rotation fill.
+    The returned 2x3 is refitted as a full affine map on the agreeing matches: a crop resized back to the
+    original size stretches one axis more than the other, which a similarity cannot follow.
     """
-    n, size = len(a), a.shape[-1]
-    reach = int(round(MAX_SHIFT * size))
-    pad = size + reach + (-(size + reach)) % 16  # linear, not circular, correlation for every searched shift
-    disc = _disc(size)
-    fa = _padded_fft(a * disc, pad)
-    fb = _padded_fft(b * b_valid, pad)
-    cross = fa * np.conj(fb)
-    surface = np.fft.irfft2(cross / (np.abs(cross) + 1e-3 * np.abs(cross).mean()), s=(pad, pad))
-    lags = np.r_[0:reach + 1, pad - reach:pad]  # shifts 0..reach and -reach..-1 in FFT order
-    window = surface[:, lags][:, :, lags].reshape(n, -1)
-    peak = window.argmax(axis=1)
-    dy = lags[peak // len(lags)]
-    dx = lags[peak % len(lags)]
-    dy = np.where(dy > reach, dy - pad, dy)
-    dx = np.where(dx > reach, dx - pad, dx)
-    # b moved by (dy, dx): b_s(y, x) = b(y - dy, x - dx); outside b's frame is padding (invalid).
-    grid = np.arange(size)
-    ys = (grid[None, :] - dy[:, None]) % pad
-    xs = (grid[None, :] - dx[:, None]) % pad
-    b_pad = np.zeros((n, pad, pad), np.float32)
-    b_pad[:, :size, :size] = b
-    v_pad = np.zeros((pad, pad), np.float32)
-    v_pad[:size, :size] = b_valid
-    index = np.arange(n)[:, None, None]
-    moved = b_pad[index, ys[:, :, None], xs[:, None, :]]
-    mask = v_pad[ys[:, :, None], xs[:, None, :]] * disc
-    return _masked_correlation(a, moved, mask, disc.sum()), np.stack([dy, dx], axis=1)
+    if len(source) < 3:
+        return 0, None
+    transform, inliers = cv2.estimateAffinePartial2D(source, target, method=cv2.RANSAC,
+                                                     ransacReprojThreshold=tolerance, maxIters=2000,
+                                                     confidence=0.995)
+    if transform is None:
+        return 0, None
+    agree = inliers.ravel().astype(bool)
+    if agree.sum() >= 6:
+        refined, _ = cv2.estimateAffine2D(source[agree], target[agree], method=cv2.LMEDS)
+        transform = refined if refined is not None else transform
+    if mirrored:  # x' = -x
+        transform = transform @ np.diag([-1.0, 1.0, 1.0])
+    _, degrees, scale = decompose(transform)
+    if abs(degrees) > MAX_ROTATION_DEG or not SCALE_RANGE[0] <= scale <= SCALE_RANGE[1]:
+        return 0, None
+    return len(np.unique(source[agree].round(1), axis=0)), transform
 
 
-def _masked_correlation(a: np.ndarray, b: np.ndarray, mask: np.ndarray, disc_area: float) -> np.ndarray:
-    """Pearson correlation of a and b over mask, per image; -1 where the overlap is too small to judge."""
-    weight = mask.reshape(len(a), -1)
-    count = weight.sum(axis=1)
-    a_flat, b_flat = a.reshape(len(a), -1), b.reshape(len(b), -1)
-    mean_a = (a_flat * weight).sum(axis=1) / np.maximum(count, 1)
-    mean_b = (b_flat * weight).sum(axis=1) / np.maximum(count, 1)
-    da, db = (a_flat - mean_a[:, None]) * weight, (b_flat - mean_b[:, None]) * weight
-    score = (da * db).sum(axis=1) / np.sqrt((da * da).sum(axis=1) * (db * db).sum(axis=1) + 1e-9)
-    return np.where(count >= MIN_OVERLAP * disc_area, score, -1.0)
+def fine_detail(image: np.ndarray) -> np.ndarray:
+    """The finest structure of an image (film grain, trabeculae): a difference of Gaussians."""
+    image = np.asarray(image, np.float32)
+    return cv2.GaussianBlur(image, (0, 0), DETAIL_SIGMA) - cv2.GaussianBlur(image, (0, 0), 3 * DETAIL_SIGMA)
 
 
-def verify(thumbs: np.ndarray, candidates: pd.DataFrame, batch: int = 256) -> pd.DataFrame:
-    """Align each candidate pair (flip from the shortlist, rotations around its angle, phase-correlation shift)
-    and score it; returns the candidates with score, rotation_deg, shift_y, shift_x at the best alignment."""
-    out = candidates.copy()
-    out["score"], out["rotation_deg"], out["shift_y"], out["shift_x"] = -1.0, 0.0, 0, 0
-    ones = np.ones((1, THUMB, THUMB), np.float32)
-    for (how, angle), group in candidates.groupby(["flip", "angle"]):
-        for start in range(0, len(group), batch):
-            part = group.iloc[start:start + batch]
-            a = thumbs[part["a"].to_numpy()]
-            b = np.ascontiguousarray(flip(thumbs[part["b"].to_numpy()], how))
-            for step in REFINE_STEPS:
-                degrees = float(angle + step)
-                valid = (rotate(ones, degrees)[0] > 0.999).astype(np.float32)
-                score, shift = _aligned_scores(a, rotate(b, degrees), valid)
-                better = score > out.loc[part.index, "score"].to_numpy()
-                chosen = part.index[better]
-                out.loc[chosen, "score"] = score[better]
-                out.loc[chosen, "rotation_deg"] = degrees
-                out.loc[chosen, "shift_y"] = shift[better, 0]
-                out.loc[chosen, "shift_x"] = shift[better, 1]
-    return out
+def texture_agreement(image_a: np.ndarray, image_b: np.ndarray, transform: np.ndarray) -> float:
+    """How well the fine detail of b, laid onto a by ``transform`` (a -> b), agrees with a's, patch by patch.
+
+    The correlation of :func:`fine_detail` in every :data:`PATCH` px square that lies inside both images; the
+    result is their lower quartile. Two radiographs of one anatomy in one pose line up along their bone edges,
+    which lifts a few patches; only a copy agrees in most of them, down to the grain. NaN when fewer than 4
+    patches overlap.
+    """
+    height, width = image_a.shape[:2]
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    laid = cv2.warpAffine(np.asarray(image_b, np.float32), transform, (width, height), flags=flags)
+    inside = cv2.warpAffine(np.ones(image_b.shape[:2], np.float32), transform, (width, height), flags=flags) > 0.999
+    rows, cols = height // PATCH, width // PATCH
+    if rows * cols == 0:
+        return float("nan")
+
+    def patches(x: np.ndarray) -> np.ndarray:
+        return x[:rows * PATCH, :cols * PATCH].reshape(rows, PATCH, cols, PATCH).swapaxes(1, 2).reshape(rows * cols, -1)
+
+    # the blur reaches ~3 sigma into the rotation's empty corners: shrink the valid area by that much
+    inside = cv2.erode(inside.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
+    x, y = patches(fine_detail(image_a)), patches(fine_detail(laid))
+    keep = patches(inside).all(axis=1)
+    x, y = x[keep] - x[keep].mean(axis=1, keepdims=True), y[keep] - y[keep].mean(axis=1, keepdims=True)
+    energy = np.sqrt((x * x).sum(axis=1) * (y * y).sum(axis=1))
+    textured = energy > 1e-6
+    if textured.sum() < 4:
+        return float("nan")
+    return float(np.quantile((x * y).sum(axis=1)[textured] / energy[textured], 0.25))
+
+
+def verify(found: Sequence[Keypoints], matches: pd.DataFrame, min_matches: int = 1) -> pd.DataFrame:
+    """The best verified alignment per unordered pair: columns a, b (a < b), matches, texture, transform (2x3,
+    a -> b), shift_x, shift_y. ``texture`` (:func:`texture_agreement`) is measured for pairs with at least
+    ``min_matches``; NaN for the others."""
+    cv2.setRNGSeed(SEED)  # RANSAC's samples
+    best: dict[tuple[int, int], tuple[int, np.ndarray | None]] = {}
+    for (a, b, mirrored), group in matches.groupby(["a", "b", "mirrored"], sort=True):
+        a, b = int(a), int(b)
+        points = found[a].mirrored_points if mirrored else found[a].points
+        tolerance = REPROJECTION_PX * max(found[b].shape) / DETECT_SIZE  # small images: a tighter tolerance
+        count, transform = fit_similarity(points[group["query"].to_numpy()],
+                                          found[b].points[group["train"].to_numpy()], bool(mirrored), tolerance)
+        if a > b and transform is not None:  # every transform from the pair's first image to its second
+            transform = cv2.invertAffineTransform(transform)
+        key = (min(a, b), max(a, b))
+        if key not in best or count > best[key][0]:
+            best[key] = (count, transform)
+    rows = []
+    for (a, b), (count, transform) in sorted(best.items()):
+        shift, texture = (np.nan, np.nan), np.nan
+        if transform is not None:  # where a's centre lands, from b's centre: 0 for a flip or turn about the centre
+            centre_a = (np.array(found[a].shape[::-1], float) - 1) / 2
+            centre_b = (np.array(found[b].shape[::-1], float) - 1) / 2
+            shift = transform[:, :2] @ centre_a + transform[:, 2] - centre_b
+            if count >= min_matches:
+                texture = texture_agreement(found[a].image, found[b].image, transform)
+        rows.append((a, b, count, texture, transform, float(shift[0]), float(shift[1])))
+    return pd.DataFrame(rows, columns=["a", "b", "matches", "texture", "transform", "shift_x", "shift_y"])
 
 
 # ------------------------------------------------------------------------------------------------ the detector
 
-def find_copies(manifest: pd.DataFrame, images: np.ndarray | Sequence[np.ndarray] | None = None,
-                threshold: float = DEFAULT_THRESHOLD, neighbours: int = DEFAULT_NEIGHBOURS) -> pd.DataFrame:
-    """Pairs of images that are copies of one radiograph, whatever flip, rotation (up to 15 deg), shift, crop,
-    intensity change or recompression lies between them (see the benchmark for how well).
+def find_copies(manifest: pd.DataFrame, images: Sequence[np.ndarray] | None = None,
+                min_matches: int = DEFAULT_MIN_MATCHES, min_texture: float = DEFAULT_MIN_TEXTURE,
+                neighbours: int = DEFAULT_NEIGHBOURS, progress: Callable | None = None) -> pd.DataFrame:
+    """Pairs of images that are copies of one radiograph, whatever flip, rotation, shift, crop, intensity
+    change or recompression lies between them.
 
-    ``images``: one array per manifest row, in row order (e.g. the preprocessing cache's arrays, which saves
-    decoding every file again); None reads the files of ``manifest["path"]``. ``threshold``: the lowest
-    aligned correlation reported. On synthetic shoulders (bench/near_duplicates.py) copies score
-    0.45-0.99 and different look-alike patients up to 0.98, so this threshold trades recall for few false pairs;
-    a real data set should check the reported pairs by eye. ``neighbours``: candidates verified per image; raise it when
-    one radiograph has more than about ``neighbours - 2`` copies.
+    ``images``: one array per manifest row, in row order; None decodes the files of ``manifest["path"]``
+    (better: the preprocessing cache is too coarse for fine structure). ``min_matches``: the fewest keypoint
+    matches one similarity transform must explain. ``neighbours``: candidates verified per image (and per
+    mirror); raise it when one radiograph has more than about ``neighbours - 2`` copies. ``progress``: wraps
+    the per-image loop (e.g. tqdm).
 
-    Returns one row per pair (columns :data:`PAIR_COLUMNS`), best score first: ``transform`` says how image b
-    was flipped, rotated and shifted (in 64 px thumbnail pixels) to lie on image a.
+    Returns one row per pair (columns :data:`PAIR_COLUMNS`), most matches first: ``transform`` says how image
+    a is flipped, rotated and scaled about its centre and shifted (in DETECT_SIZE pixels) to lie on image b.
     """
     table = manifest.reset_index(drop=True)
-    if images is None:
-        images = load_thumbnails(table["path"].astype(str).tolist())
-    if len(images) != len(table):
+    if int(min_matches) < 1:
+        raise ValueError(f"min_matches={min_matches}: a copy needs at least one match (the default is "
+                         f"{DEFAULT_MIN_MATCHES}; fewer than about 8 lets look-alike radiographs through)")
+    if images is not None and len(images) != len(table):
         raise ValueError(f"images holds {len(images)} arrays for a manifest of {len(table)} rows; "
-                         "pass one array per manifest row, in row order (e.g. cache.images[rows])")
-    thumbs = normalise(np.asarray([_resize(image, THUMB) if np.shape(image) != (THUMB, THUMB)
-                                   else np.asarray(image, np.float32) for image in images]).reshape(-1, THUMB, THUMB))
-    candidates = shortlist(thumbs, neighbours)
-    checked = verify(thumbs, candidates) if len(candidates) else candidates.assign(
-        score=[], rotation_deg=[], shift_y=[], shift_x=[])
-    found = checked[checked["score"] >= threshold]
-    return _pair_table(table, found)
+                         "pass one array per manifest row, in row order")
+    paths = None if images is not None else table["path"].astype(str).tolist()
+    found = image_keypoints(images, paths, progress)
+    checked = verify(found, distinctive_matches(found, neighbours), min_matches)
+    copies = (checked["matches"] >= min_matches) & (checked["texture"] >= min_texture)
+    return pair_table(table, checked[copies])
 
 
-def _pair_table(table: pd.DataFrame, found: pd.DataFrame) -> pd.DataFrame:
+def pair_table(table: pd.DataFrame, found: pd.DataFrame) -> pd.DataFrame:
+    """Verified pairs (row numbers a, b, matches, transform) as image ids, splits, patients and a readable
+    transform."""
     a, b = found["a"].to_numpy(dtype=int), found["b"].to_numpy(dtype=int)
     split = table["split"].astype(str) if "split" in table.columns else pd.Series("", index=table.index)
+    parts = [decompose(t) for t in found["transform"]]
+    shift_x, shift_y = found["shift_x"].to_numpy(float).round(1), found["shift_y"].to_numpy(float).round(1)
     out = pd.DataFrame({
-        "image_id_a": table["image_id"].to_numpy()[a],
-        "image_id_b": table["image_id"].to_numpy()[b],
-        "score": found["score"].to_numpy(dtype=float).round(4),
-        "transform": [describe(h, r, x, y) for h, r, x, y in
-                      zip(found["flip"], found["rotation_deg"], found["shift_x"], found["shift_y"])],
-        "flip": found["flip"].to_numpy(dtype=object),
-        "rotation_deg": found["rotation_deg"].to_numpy(dtype=float),
-        "shift_x": found["shift_x"].to_numpy(dtype=int),
-        "shift_y": found["shift_y"].to_numpy(dtype=int),
+        "image_id_a": table["image_id"].astype(str).to_numpy()[a],
+        "image_id_b": table["image_id"].astype(str).to_numpy()[b],
+        "matches": found["matches"].to_numpy(dtype=int),
+        "texture": found["texture"].to_numpy(dtype=float).round(3),
+        "transform": [describe(*p, x, y) for p, x, y in zip(parts, shift_x, shift_y)],
+        "flip": [p[0] for p in parts],
+        "rotation_deg": [p[1] for p in parts],
+        "scale": [p[2] for p in parts],
+        "shift_x": shift_x,
+        "shift_y": shift_y,
         "split_a": split.to_numpy()[a],
         "split_b": split.to_numpy()[b],
         "patient_a": table["patient_id"].astype(str).to_numpy()[a],
         "patient_b": table["patient_id"].astype(str).to_numpy()[b],
     }, columns=PAIR_COLUMNS)
-    return out.sort_values(["score", "image_id_a", "image_id_b"], ascending=[False, True, True]).reset_index(drop=True)
+    return out.sort_values(["matches", "image_id_a", "image_id_b"], ascending=[False, True, True]
+                           ).reset_index(drop=True)
 
 
-def describe(how: str, degrees: float, shift_x: int, shift_y: int) -> str:
-    """A readable transform, e.g. "flip h, rotate +6 deg, shift (+3, -2) px"."""
+def decompose(transform: np.ndarray) -> tuple[str, float, float]:
+    """The linear part of a 2x3 similarity (possibly with a mirror) as (flip, rotation in degrees within
+    +-90, scale).
+
+    A mirror is reported as a left-right flip ("h"), or an up-down flip ("v") when the rotation that goes
+    with it is nearer a half turn; without a mirror, a half turn is reported as "hv" (both flips)."""
+    linear = np.asarray(transform, dtype=float)[:, :2]
+    mirrored = np.linalg.det(linear) < 0
+    unmirrored = linear @ np.diag([-1.0, 1.0]) if mirrored else linear
+    scale = float(np.sqrt(abs(np.linalg.det(unmirrored))))
+    degrees = float(np.degrees(np.arctan2(unmirrored[1, 0], unmirrored[0, 0])))
+    half_turn = abs(degrees) > 90
+    if half_turn:
+        degrees = degrees - 180 if degrees > 0 else degrees + 180
+    how = ("v" if half_turn else "h") if mirrored else ("hv" if half_turn else "none")
+    return how, round(degrees, 1), round(scale, 3)
+
+
+def describe(how: str, degrees: float, scale: float, shift_x: float, shift_y: float) -> str:
+    """A readable transform, e.g. "flip h, rotate +6 deg, scale 1.05, shift (+3, -2) px"."""
     parts = [] if how == "none" else [f"flip {how}"]
-    if degrees:
+    if abs(degrees) >= 0.5:
         parts.append(f"rotate {degrees:+.0f} deg")
-    if shift_x or shift_y:
-        parts.append(f"shift ({int(shift_x):+d}, {int(shift_y):+d}) px")
+    if abs(scale - 1) >= 0.02:
+        parts.append(f"scale {scale:.2f}")
+    if abs(shift_x) >= 0.5 or abs(shift_y) >= 0.5:
+        parts.append(f"shift ({shift_x:+.0f}, {shift_y:+.0f}) px")
     return ", ".join(parts) or "identical alignment"

@@ -360,6 +360,15 @@ def _unit_strata(df: pd.DataFrame, units: list[int]) -> dict[str, list[int]]:
 COPY_POLICIES = ("stop", "group", "ignore")
 
 
+def check_copy_policy(policy: str) -> str:
+    """The profile's ``near_duplicates`` value, checked before any work: one of :data:`COPY_POLICIES`."""
+    if policy not in COPY_POLICIES:
+        raise SplitError(f"near_duplicates={policy!r} is not a policy for copies of one radiograph: use one of "
+                         f"{list(COPY_POLICIES)} (stop: end the run listing copies in two splits; group: one patient "
+                         "group per radiograph before the split; ignore: only report them)")
+    return policy
+
+
 def group_copies(df: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
     """A copy of the manifest where copies of one radiograph share one patient group, so that
     :func:`patient_split` keeps them in one split. Call it BEFORE the split.
@@ -402,8 +411,8 @@ def copies_across_splits(df: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
         if split_of.get(a) != split_of.get(b):
             rows.append({"image_id_a": a, "image_id_b": b, "split_a": split_of.get(a, "?"),
                          "split_b": split_of.get(b, "?"), "file_a": Path(path_of.get(a, a)).name,
-                         "file_b": Path(path_of.get(b, b)).name, "score": getattr(pair, "score", float("nan"))})
-    return pd.DataFrame(rows, columns=["image_id_a", "image_id_b", "split_a", "split_b", "file_a", "file_b", "score"])
+                         "file_b": Path(path_of.get(b, b)).name, "matches": getattr(pair, "matches", None)})
+    return pd.DataFrame(rows, columns=["image_id_a", "image_id_b", "split_a", "split_b", "file_a", "file_b", "matches"])
 
 
 def check_copies(df: pd.DataFrame, pairs: pd.DataFrame, policy: str = "stop") -> pd.DataFrame:
@@ -413,12 +422,12 @@ def check_copies(df: pd.DataFrame, pairs: pd.DataFrame, policy: str = "stop") ->
     ``group`` expects :func:`group_copies` to have run before the split, so a crossing pair is an
     error too (e.g. the data brought its own split); ``ignore`` only reports.
     """
-    if policy not in COPY_POLICIES:
-        raise SplitError(f"near_duplicates={policy!r}: use one of {COPY_POLICIES}")
+    check_copy_policy(policy)
     crossing = copies_across_splits(df, pairs)
     if policy == "ignore" or crossing.empty:
         return crossing
-    lines = [f"{r.file_a} ({r.split_a}) and {r.file_b} ({r.split_b}), score {r.score:.3f}"
+    lines = [f"{r.file_a} ({r.split_a}) and {r.file_b} ({r.split_b})"
+             + (f", {int(r.matches)} matching keypoints" if pd.notna(r.matches) else "")
              for r in crossing.itertuples(index=False)]
     shown = "\n  ".join(lines[:50]) + (f"\n  ... and {len(lines) - 50} more" if len(lines) > 50 else "")
     if policy == "group":
