@@ -84,12 +84,13 @@ from osteolib.stages.image_text_reports import (
     nih_text,
     nih_texts,
     pair_table,
+    report_texts,
     shoulder_texts,
     tokenize,
 )
 
 __all__ = [
-    "PAD", "UNK", "PairTexts", "ShoulderTextRule", "shoulder_texts", "nih_text", "nih_texts", "pair_table",
+    "PAD", "UNK", "PairTexts", "ShoulderTextRule", "shoulder_texts", "nih_text", "nih_texts", "pair_table", "report_texts",
     "tokenize", "Vocabulary", "TextBank", "BagOfWordsEncoder", "ImageTextModel", "contrastive_loss",
     "consistency_loss", "PairDataset", "make_pair_dataloaders", "MultimodalConfig", "MultimodalResult",
     "default_out_name", "train_image_text", "train_image_baseline", "predict", "predict_baseline",

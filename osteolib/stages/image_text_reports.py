@@ -20,7 +20,7 @@ from osteolib.data import synthetic
 
 __all__ = [
     "PAD", "UNK", "SYNTHETIC_SHOULDER", "CORTEX_WORDS", "TRABECULAE_WORDS", "SIDE_WORDS", "ZONES", "PairTexts",
-    "ShoulderTextRule", "shoulder_texts", "nih_text", "nih_texts", "pair_table", "tokenize", "Vocabulary", "TextBank",
+    "ShoulderTextRule", "shoulder_texts", "nih_text", "nih_texts", "pair_table", "report_texts", "tokenize", "Vocabulary", "TextBank",
 ]
 
 PAD, UNK = "<pad>", "<unk>"
@@ -146,8 +146,12 @@ def nih_texts(manifest: pd.DataFrame) -> PairTexts:
     return PairTexts(table, words, {"kind": "nih", "sides": "patient's", "zones": list(ZONES)})
 
 
-def pair_table(manifest: pd.DataFrame, include_class_name: bool = True) -> PairTexts:
-    """Texts for every manifest row: synthetic shoulders from parameters.csv beside their images, else NIH rules."""
+def pair_table(manifest: pd.DataFrame, include_class_name: bool = True, text_column: str | None = None) -> PairTexts:
+    """Texts for every manifest row: synthetic shoulders from parameters.csv beside their images; any other data
+    (NIH, your own X-rays) from label and expert boxes (:func:`nih_text`); or, with ``text_column``, the reports
+    a label table brought (:func:`report_texts`)."""
+    if text_column is not None:
+        return report_texts(manifest, text_column)
     sources = set(manifest["source"].astype(str))
     if sources == {SYNTHETIC_SHOULDER}:
         folder = Path(manifest["path"].iloc[0]).parent.parent
@@ -164,6 +168,22 @@ def pair_table(manifest: pd.DataFrame, include_class_name: bool = True) -> PairT
         raise ValueError(f"manifest mixes synthetic shoulders with {sorted(sources - {SYNTHETIC_SHOULDER})}; "
                          f"texts are written per data set")
     return nih_texts(manifest)
+
+
+def report_texts(manifest: pd.DataFrame, text_column: str) -> PairTexts:
+    """Each image's own report from the manifest column ``text_column`` (a label table's extra column, kept by the
+    csv spec). Which words carry the class is unknown in free text: the generating words are the class names."""
+    if text_column not in manifest.columns:
+        raise ValueError(f"text_column={text_column!r} is not a manifest column (columns: {list(manifest.columns)}); "
+                         "name the label table's report column, or set text_column: null for texts by rule")
+    texts = manifest[text_column].fillna("").astype(str).str.strip()
+    empty = manifest.loc[texts == "", "image_id"].astype(str).tolist()
+    if empty:
+        raise ValueError(f"{len(empty)} image(s) have no text in column {text_column!r}, e.g. {empty[:5]}: give "
+                         "every image a report, or set text_column: null for texts by rule")
+    table = manifest[["image_id", "split", "label"]].assign(text=texts.to_numpy()).reset_index(drop=True)
+    words = frozenset(w for label in manifest["label"].unique() for w in tokenize(_readable(label)))
+    return PairTexts(table, words, {"kind": "reports", "column": text_column})
 
 
 # --------------------------------------------------------------------------------------------------

@@ -215,3 +215,16 @@ def test_text_side_learns_faster_than_the_pretrained_image_encoder():
     assert scale_of[id(model.text_encoder.embedding.weight)] == 1.0 and scale_of[id(model.text_head.weight)] == 1.0
     baseline = mm.MultimodalConfig(lr=1e-4).train_config(3, image_text=False)
     assert baseline.peak_lr == pytest.approx(1e-4) and baseline.layer_decay is None
+
+
+def test_a_label_tables_own_reports_become_the_texts():
+    manifest = pd.DataFrame({"image_id": ["a", "b", "c"], "split": ["train", "valid", "test"],
+                             "label": ["normal", "osteoporosis", "normal"], "source": ["lab"] * 3,
+                             "report": ["Normal bone density.", "Thin cortex; osteoporosis likely", "normal"]})
+    pairs = mm.pair_table(manifest, text_column="report")
+    assert pairs.table["text"].tolist() == manifest["report"].tolist()
+    assert pairs.generating_words == {"normal", "osteoporosis"} and pairs.rule["kind"] == "reports"
+    with pytest.raises(ValueError, match="text_column='findings' is not a manifest column"):
+        mm.pair_table(manifest, text_column="findings")
+    with pytest.raises(ValueError, match=r"1 image\(s\) have no text in column 'report', e.g. \['b'\]"):
+        mm.pair_table(manifest.assign(report=["x", None, "y"]), text_column="report")

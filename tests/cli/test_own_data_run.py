@@ -1,0 +1,181 @@
+"""A lab's own X-rays through the whole sequence from a profile, as a user would run them: a folder of class
+sub-folders (PNG, pre-augmented JPEG copies under other patients' names, a few DICOM files, an expert box table),
+then the same images described by a label table. No code changes, only profiles.
+
+The copies are caught: with ``near_duplicates: stop`` the audit ends the run listing them; with ``group`` they join
+one patient group and the run goes on through 00 -> 06. ``osteo predict`` on the run's test images then gives
+exactly notebook 04's probabilities."""
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from osteolib.cli.osteo import RunFailed, main, run_profile
+from osteolib.data import read_manifest
+from osteolib.data.synthetic.lab_folder import write_lab_folder
+
+pytestmark = pytest.mark.slow
+
+PATIENT = r"^(?P<patient>P\d+)_"
+TRAINING = "epochs: 1, batch_size: 16, warmup_epochs: 0"
+
+
+def target_spec(lab, layout: str) -> str:
+    if layout == "folders":
+        return (f"{{kind: folder, root: '{lab.root}', patient_from: '{PATIENT}', "
+                f"regions: {{boxes: '{lab.boxes}'}}}}")
+    return (f"{{kind: csv, table: '{lab.table}', image_dir: '{lab.root}', path_column: file, label_column: diagnosis, "
+            f"patient_column: patient, view_column: view, regions: {{boxes: '{lab.boxes}'}}}}")
+
+
+def profile(tmp: Path, name: str, lab, layout: str, policy: str, later_steps: str = "") -> Path:
+    path = tmp / f"{name}.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        name: {name}
+        parameters: {{data_root: null, image_size: 32}}
+        steps:
+          - notebook: 00_data_audit
+            parameters:
+              dataset: {target_spec(lab, layout)}
+              classes: [normal, osteoporosis]
+              near_duplicates: {policy}
+              split_seed: 1
+        """) + textwrap.indent(textwrap.dedent(later_steps), "  "))
+    return path
+
+
+WHOLE_SEQUENCE = f"""\
+  - notebook: 01_chest_mae
+    # the pretraining pool: the lab's own images, unlabelled
+    parameters: {{chest_datasets: [{{kind: folder, root: LAB, labels: none}}], {TRAINING}, template_check_images: 4}}
+    variants:
+      - {{backbone: densenet121, patch_size: 8}}
+  - notebook: 02_shoulder_mae
+    parameters: {{{TRAINING}, template_check_images: 4}}
+    variants:
+      - {{backbone: densenet121, patch_size: 8, crop_mode: center, mask_region_bias: 2.0}}
+  - notebook: 03_rotation_proxy
+    parameters: {{{TRAINING}}}
+    variants:
+      - {{backbone: densenet121}}
+  - notebook: 04_finetune
+    parameters: {{{TRAINING}, base_lr: 0.02, layer_decay: null, randaug_magnitude: null, backbone: densenet121}}
+    grid:
+      scenario: [random, chest_mae+rotation]
+    after: results_tables
+  - notebook: 05_gradcam_statistics
+    parameters: {{max_cam_images: 6, cam_methods: [gradcam, eigencam], n_boot: 200, randomisation_steps: 2,
+                 max_faithfulness_images: 2, confounder_check: false}}
+  - notebook: 06_image_text
+    parameters: {{scenario: chest_mae, align_epochs: 1, epochs: 1, batch_size: 16}}
+"""
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    # 256 px files: the copy detector compares fine structure, which a 64 px rendering no longer has
+    return write_lab_folder(tmp_path_factory.mktemp("lab") / "xrays", n_patients=40, size=256, copy_fraction=0.2,
+                            n_dicom=3, seed=5)
+
+
+@pytest.fixture(scope="module")
+def grouped_run(lab, tmp_path_factory) -> Path:
+    """The whole sequence on the lab folder (minutes); OSTEO_TEST_OWN_RUN reuses a run made earlier."""
+    if os.environ.get("OSTEO_TEST_OWN_RUN"):
+        return Path(os.environ["OSTEO_TEST_OWN_RUN"])
+    tmp = tmp_path_factory.mktemp("own_run")
+    path = profile(tmp, "own_folders", lab, "folders", "group", WHOLE_SEQUENCE.replace("LAB", str(lab.root)))
+    return run_profile(str(path), runs_dir=tmp / "runs", log_output=False).path
+
+
+def planted_pairs(lab) -> set[frozenset]:
+    return {frozenset((Path(c).stem, Path(o).stem)) for c, o in zip(lab.copies["copy"], lab.copies["original"])}
+
+
+def test_copies_across_splits_stop_the_audit_with_the_files_listed(lab, tmp_path):
+    path = profile(tmp_path, "own_stop", lab, "folders", "stop")
+    with pytest.raises(RunFailed) as failure:
+        run_profile(str(path), runs_dir=tmp_path / "runs", log_output=False)
+    message = str(failure.value)
+    assert "copies of one radiograph sit in different splits" in message, message[-3000:]
+    assert "near_duplicates: group" in message
+    assert any(Path(c).name in message for c in lab.copies["copy"]), message[-3000:]
+
+
+def test_the_folder_goes_through_00_to_06_with_its_copies_grouped(lab, grouped_run):
+    run = grouped_run
+    manifest = read_manifest(run / "data" / "manifest.csv")
+    assert len(manifest) == lab.n_images  # nothing dropped: PNG, JPEG copies and DICOM all read
+    assert sum(str(p).endswith(".dcm") for p in manifest["path"]) == 3
+    audit = json.loads((run / "data" / "audit.json").read_text())
+    assert audit["classes"] == ["normal", "osteoporosis"] and audit["copy_policy"] == "group"
+    copies = pd.read_csv(run / "data" / "copies.csv", dtype=str)
+    # image ids are paths below the root without suffix (normal/batch2/P024_AP): compare file stems
+    found = {frozenset(Path(i).name for i in pair) for pair in zip(copies["image_id_a"], copies["image_id_b"])}
+    assert planted_pairs(lab) <= found, sorted(map(sorted, planted_pairs(lab) - found))
+    # every planted copy is reported; a reported pair that was not planted is one patient's two views, not a
+    # look-alike of another patient
+    stray = [p for p in found - planted_pairs(lab) if len({i.split("_")[0] for i in p}) > 1]  # P024_AP -> P024
+    assert not stray, stray
+    assert audit["copy_pairs_across_splits"] == 0 and audit["patients_joined_by_copies"] >= len(lab.copies)
+    split_of = dict(zip(manifest["image_id"], manifest["split"]))
+    assert all(split_of[a] == split_of[b] for a, b in zip(copies["image_id_a"], copies["image_id_b"]))
+    # expert boxes reached notebook 05's agreement, both fine-tuned models were evaluated, 06 ran
+    assert manifest["boxes"].map(bool).sum() > 0
+    assert sorted(p.stem for p in (run / "predictions").glob("*.csv")) == [
+        "chest_mae+rotation-densenet121-seed0-frac1.0", "random-densenet121-seed0-frac1.0"]
+    executed = sorted(p.name[:2] for p in (run / "notebooks").glob("*.ipynb"))
+    assert executed == ["00", "01", "02", "03", "04", "04", "05", "06"]
+    agreement = pd.read_csv(run / "tables" / "05_agreement_per_image.csv")
+    assert len(agreement) > 0  # the lab's box table reached 05's agreement with experts
+    assert (run / "tables" / "05_significance_patient_level.csv").is_file()  # grouped copies: patient-level tests
+    assert len(pd.read_csv(run / "tables" / "06_test_predictions.csv")) == (manifest["split"] == "test").sum()
+
+
+def test_predict_on_the_runs_test_images_gives_04s_probabilities(grouped_run, tmp_path):
+    run = grouped_run
+    model_file = sorted((run / "predictions").glob("*.csv"))[0]
+    predictions = pd.read_csv(model_file, dtype={"image_id": str})
+    test = predictions[predictions["split"] == "test"].reset_index(drop=True)
+    manifest = read_manifest(run / "data" / "manifest.csv").set_index("image_id")
+    paths = [str(p) for p in manifest.loc[test["image_id"], "path"]]
+    broken = tmp_path / "broken.dcm"
+    broken.write_bytes(b"DICM but not really")
+    out = tmp_path / "predicted"
+    assert main(["predict", "--run", str(run), "--model", model_file.stem, *paths, str(broken),
+                 "--out", str(out), "--quiet"]) == 0
+    table = pd.read_csv(out / "predictions.csv", keep_default_na=False)
+    ok = table[table["status"] == "ok"].reset_index(drop=True)
+    assert ok["file"].tolist() == paths
+    for column in [c for c in test.columns if c.startswith("prob_")]:
+        assert np.array_equal(ok[column].to_numpy(float), test[column].to_numpy(float)), column
+    assert table.loc[table["file"] == str(broken), "status"].item() != "ok"
+
+
+def test_the_same_images_from_a_label_table(lab, grouped_run, tmp_path):
+    # the csv layout of the same lab (same seed): the same images, patients and copies, read from labels.csv
+    table_lab = write_lab_folder(tmp_path / "xrays", n_patients=40, size=256, copy_fraction=0.2, n_dicom=3, seed=5,
+                                 layout="csv")
+    later = f"""\
+      - notebook: 04_finetune
+        parameters: {{{TRAINING}, base_lr: 0.02, layer_decay: null, randaug_magnitude: null, backbone: densenet121,
+                     scenario: random}}
+      - notebook: 05_gradcam_statistics
+        parameters: {{max_cam_images: 4, cam_methods: [gradcam], n_boot: 100, randomisation_steps: 2,
+                     max_faithfulness_images: 1, confounder_check: false}}
+    """
+    path = profile(tmp_path, "own_table", table_lab, "csv", "group", later)
+    run = run_profile(str(path), runs_dir=tmp_path / "runs", log_output=False).path
+    from_table = read_manifest(run / "data" / "manifest.csv")
+    from_folders = read_manifest(grouped_run / "data" / "manifest.csv")
+    assert {"age", "sex", "site"} <= set(from_table.columns)  # the table's extra columns are kept
+    key = ["label", "split"]
+    by_name = lambda m: m.assign(name=[Path(p).stem for p in m["path"]]).set_index("name").sort_index()[key]
+    pd.testing.assert_frame_equal(by_name(from_table), by_name(from_folders))
+    assert len(list((run / "predictions").glob("*.csv"))) == 1
