@@ -12,9 +12,12 @@ and/or ``mask_path`` (a mask image on the same pixel grid as the image).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,163 @@ SPLITS = ("train", "val", "test")
 
 class ManifestError(ValueError):
     """A manifest (or the table it was built from) is not usable; the message says where and what to do."""
+
+
+class LabelError(ManifestError):
+    """Labels cannot become classes as they are; ``where`` names the table, column or folder."""
+
+    def __init__(self, where: str, problem: str, hint: str) -> None:
+        self.where, self.problem, self.hint = where, problem, hint
+        super().__init__(f"{where}: {problem}. What to do: {hint}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels: the one place raw labels (folder names, table cells, a manifest's column) become classes
+# ---------------------------------------------------------------------------------------------
+
+DROP = "drop"  # label_map value that drops a class (None / YAML null does too)
+
+
+def case_variants(labels: Iterable[Any]) -> list[list[str]]:
+    """Groups of distinct labels that differ only in case (``[["Normal", "normal"]]``)."""
+    groups: dict[str, set[str]] = {}
+    for label in labels:
+        groups.setdefault(str(label).casefold(), set()).add(str(label))
+    return [sorted(g) for g in groups.values() if len(g) > 1]
+
+
+def label_mapping(classes: Iterable[str], label_map: Any, where: str = "label_map",
+                  unmapped: str = "keep") -> dict[str, str | None]:
+    """Check a ``label_map`` ({class: new class | "drop" | None}) against the classes; the full mapping.
+
+    Keys and values are matched and written without surrounding whitespace. ``unmapped="keep"``: classes the
+    map does not name stay as they are, and a key naming no class is an error (a misspelt key would
+    otherwise do nothing). ``unmapped="drop"``: the map is a whitelist; classes it does not name map to None.
+    """
+    if unmapped not in ("keep", "drop"):
+        raise ValueError(f"unmapped={unmapped!r}: use 'keep' or 'drop'")
+    if not isinstance(label_map, Mapping):
+        raise LabelError(where, f"must be a mapping {{class: new class or drop}}, got {label_map!r}",
+                         "write e.g. {osteopenia: drop} or {osteopenia: osteoporosis}")
+    classes = sorted({str(c) for c in classes})
+    mapping: dict[str, str | None] = {c: (c if unmapped == "keep" else None) for c in classes}
+    for raw, new in label_map.items():
+        key = str(raw).strip()
+        if key not in mapping:
+            if unmapped == "drop":
+                continue  # a whitelist may name labels this table does not use
+            raise LabelError(f"{where}.{key}", f"{key!r} is not a class of the data set (its classes are "
+                             f"{classes})", "correct the spelling or remove the entry")
+        if new is None or str(new).strip().lower() == DROP:
+            mapping[key] = None
+        elif isinstance(new, (str, int)) and not isinstance(new, bool) and str(new).strip():
+            mapping[key] = str(new).strip()
+        else:
+            raise LabelError(f"{where}.{key}", f"maps to {new!r}", "map to a class name or to drop")
+    return mapping
+
+
+def normalise_labels(labels: Iterable[Any], where: str, label_map: Mapping | None = None, *,
+                     unmapped: str = "keep", map_where: str | None = None, fix: str = "correct the labels",
+                     merge: str = "merge them with label_map: {example}", unit: str = "row",
+                     first_line: int | None = None) -> tuple[list[str | None], dict[str, int]]:
+    """Raw labels -> class names, the same way for every builder; returns (labels, {exclusion reason: count}).
+
+    1. Surrounding whitespace is stripped: ``"normal "`` and ``"normal"`` are one class.
+    2. ``label_map`` (see :func:`label_mapping`) renames, merges or drops classes; a dropped row's label is None
+       and is counted as ``"label 'x' dropped by label_map"`` (or ``"... not in label_map"`` for a whitelist).
+    3. Labels that still differ only in case (``Normal``, ``normal``, ``NORMAL``) raise :class:`LabelError`
+       listing each spelling with its count (and first line, when ``first_line`` is the line of the first
+       label), and the ``label_map`` that merges them into the most frequent spelling. So do empty labels.
+
+    ``where`` names the labels' place (a folder, ``table.csv: column 'diagnosis'``, a spec key) in errors,
+    ``map_where`` the label_map's; ``fix`` and ``merge`` are the two remedies offered (``{example}`` becomes
+    the label_map as YAML, ``{example_py}`` as Python); ``unit`` names what a label belongs to (row, image).
+    """
+    raw = ["" if is_missing_label(value) else str(value).strip() for value in labels]
+    excluded: dict[str, int] = {}
+    out: list[str | None] = list(raw)
+    if label_map is not None:
+        mapping = label_mapping(raw, label_map, map_where or "label_map", unmapped)
+        out = [mapping[label] for label in raw]
+        dropped: dict[str, int] = {}
+        for label, new in zip(raw, out):
+            if new is None:
+                dropped[label] = dropped.get(label, 0) + 1
+        named = {str(k).strip() for k in label_map}
+        for label in sorted(dropped):
+            reason = "dropped by label_map" if label in named else "not in label_map"
+            excluded[f"label {label!r} {reason}"] = dropped[label]
+    blank = [i for i, label in enumerate(out) if label == ""]
+    if blank:
+        shown = [_row_name(i, first_line) for i in blank[:10]]
+        raise LabelError(where, f"{len(blank)} empty label(s): {', '.join(shown)}{' ...' if len(blank) > 10 else ''}",
+                         f"{fix}: fill in the label or remove those rows/files")
+    kept = [label for label in out if label is not None]
+    variants = case_variants(kept)
+    if variants:
+        counts: dict[str, int] = {}
+        first: dict[str, int] = {}
+        for i, label in enumerate(out):
+            if label is not None:
+                counts[label] = counts.get(label, 0) + 1
+                first.setdefault(label, i)
+        details, example, example_py = [], [], {}
+        for group in variants:
+            target = max(group, key=lambda v: (counts[v], v.islower(), [-ord(ch) for ch in v]))
+            example += [f"{v}: {target}" for v in group if v != target]
+            example_py.update({v: target for v in group if v != target})
+            for v in group:
+                at = f", first at {_row_name(first[v], first_line)}" if first_line is not None else ""
+                details.append(f"{v!r} {counts[v]} {unit}(s){at}")
+        raise LabelError(where, f"class names that differ only in case: {variants} ({'; '.join(details)})",
+                         f"{fix} so that each class has one spelling, or "
+                         + merge.format(example="{" + ", ".join(example) + "}", example_py=example_py))
+    return out, excluded
+
+
+def is_missing_label(value: Any) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
+
+
+def _row_name(index: int, first_line: int | None) -> str:
+    return f"row {index}" + (f" (line {index + first_line})" if first_line is not None else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables: label tables, box tables and manifests are read the same way
+# ---------------------------------------------------------------------------------------------
+
+
+def read_table(path: str | os.PathLike, what: str = "table", allow_no_rows: bool = False) -> pd.DataFrame:
+    """A CSV as strings (no NA guessing), or a :class:`ManifestError` naming the file and what is wrong.
+
+    An empty (0-byte) file, a header without rows (unless ``allow_no_rows``), a line with another number
+    of fields than the header, or text that is not UTF-8 each stop here, with the file and the line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: {what} not found. What to do: check the path")
+    if path.stat().st_size == 0:
+        raise ManifestError(f"{path}: the {what} is empty (0 bytes). What to do: the export or copy was probably "
+                            f"interrupted; write it again (a header row, then one row per image)")
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except pd.errors.EmptyDataError:
+        raise ManifestError(f"{path}: the {what} holds no header row (only blank lines). What to do: write it "
+                            f"again (a header row, then one row per image)") from None
+    except pd.errors.ParserError as err:
+        raise ManifestError(f"{path}: the {what} is not a well-formed CSV ({err}). What to do: check that line "
+                            f"(a comma or quote inside a value needs quoting) and save it again as "
+                            f"comma-separated text") from None
+    except UnicodeDecodeError as err:
+        raise ManifestError(f"{path}: the {what} is not UTF-8 text ({err}). What to do: save it as CSV (UTF-8)"
+                            ) from None
+    table.columns = [str(c).strip() for c in table.columns]
+    if table.empty and not allow_no_rows:
+        raise ManifestError(f"{path}: the {what} has a header ({list(table.columns)}) but no rows. What to do: "
+                            f"check that the export finished, or point at the right file")
+    return table
 
 
 def empty_manifest() -> pd.DataFrame:
@@ -117,12 +277,16 @@ def write_manifest(df: pd.DataFrame, path: str | os.PathLike) -> Path:
 
 
 def read_manifest(path: str | os.PathLike, check_files: bool = True) -> pd.DataFrame:
-    """Read a manifest CSV written by :func:`write_manifest` (or by hand in the same schema)."""
+    """Read a manifest CSV written by :func:`write_manifest` (or by hand in the same schema).
+
+    Cells that cannot be what their column says (``boxes`` that are not a JSON list of boxes, a ``width``
+    that is not a whole number, an empty or case-variant label) raise :class:`ManifestError` naming the
+    file and the row.
+    """
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"manifest file not found: {path}")
-    df = pd.read_csv(path, dtype={"image_id": str, "patient_id": str, "label": str, "split": str}, keep_default_na=False,
-                     na_values={"width": [""], "height": [""]})
+    df = read_table(path, "manifest")
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise ManifestError(f"{path}: lacks required column(s) {missing}; it has {list(df.columns)}")
@@ -132,28 +296,83 @@ def read_manifest(path: str | os.PathLike, check_files: bool = True) -> pd.DataF
         df["mask_path"] = [None if is_missing(m) else str((base / str(m)).resolve()) for m in df["mask_path"]]
     if "boxes" in df.columns:
         df["boxes"] = [_parse_boxes(b, path, i) for i, b in enumerate(df["boxes"])]
+    for column in ("width", "height"):
+        if column in df.columns:
+            df[column] = _whole_numbers(df[column], path, column)
+    df["label"], _ = normalise_labels(df["label"], f"{path}: column 'label'", fix="correct the manifest's label "
+                                      "column", merge="build the manifest again with label_map: {example}",
+                                      first_line=2)
     return validate_manifest(normalise_manifest(df), check_files=check_files)
+
+
+def _whole_numbers(values: Iterable[Any], path: Path, column: str) -> pd.arrays.IntegerArray:
+    out: list[Any] = []
+    for row, value in enumerate(values):
+        text = "" if is_missing(value) else str(value).strip()
+        if text == "":
+            out.append(pd.NA)
+            continue
+        try:
+            number = float(text)
+        except ValueError:
+            number = math.nan
+        if not (math.isfinite(number) and number == int(number) and number > 0):
+            raise ManifestError(f"{path}: row {row} (line {row + 2}): {column!r} is {text!r}, not a whole number of "
+                                f"pixels. What to do: correct the cell, or empty it (add_image_sizes reads it "
+                                f"from the file)")
+        out.append(int(number))
+    return pd.array(out, dtype="Int64")
 
 
 def _parse_boxes(value: Any, path: Path, row: int) -> list[dict] | None:
     if is_missing(value):
         return None
+    where = f"{path}: row {row} (line {row + 2}): 'boxes'"
     try:
         boxes = json.loads(value) if isinstance(value, str) else value
     except json.JSONDecodeError as err:
-        raise ManifestError(f"{path}: row {row}: 'boxes' is not valid JSON ({err}): {value!r}") from err
-    return boxes_or_none(boxes)
+        raise ManifestError(f"{where} is not valid JSON ({err}): {value!r}. What to do: write a JSON list of boxes "
+                            f"in the file's pixels, e.g. [{{\"x\": 10, \"y\": 20, \"w\": 30, \"h\": 40}}], or "
+                            f"leave the cell empty") from err
+    try:
+        return boxes_or_none(boxes)
+    except ManifestError as err:
+        raise ManifestError(f"{where}: {err}") from None
+
+
+BOX_KEYS = ("x", "y", "w", "h")
 
 
 def boxes_or_none(value: Any) -> list[dict] | None:
+    """A list of boxes ``{"x", "y", "w", "h", ...}`` (pixels of the stored file), or None for none.
+
+    Raises :class:`ManifestError` for anything else: not a list, an entry that is not a mapping, a missing
+    coordinate, a coordinate that is not a finite number, or a width/height that is not positive.
+    """
     if is_missing(value):
         return None
     if isinstance(value, str):
-        value = json.loads(value)
-    boxes = [dict(b) for b in value]
-    for box in boxes:
-        if not {"x", "y", "w", "h"} <= set(box):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ManifestError(f"boxes {value!r} are not valid JSON ({err})") from None
+    if isinstance(value, Mapping) or not isinstance(value, Iterable) or isinstance(value, (str, bytes)):
+        raise ManifestError(f"boxes must be a list of boxes {{x, y, w, h}}; got {value!r}")
+    boxes = []
+    for box in value:
+        if not isinstance(box, Mapping):
+            raise ManifestError(f"a box must be a mapping with keys x, y, w, h (pixels of the stored file); got {box!r}")
+        box = dict(box)
+        if not set(BOX_KEYS) <= set(box):
             raise ManifestError(f"a box needs keys x, y, w, h (pixels of the stored file); got {box}")
+        for key in BOX_KEYS:
+            number = box[key]
+            if isinstance(number, bool) or not isinstance(number, (int, float, np.integer, np.floating)) \
+                    or not math.isfinite(float(number)):
+                raise ManifestError(f"box coordinate {key}={number!r} is not a finite number; got {box}")
+        if not (box["w"] > 0 and box["h"] > 0):
+            raise ManifestError(f"box width and height must be positive; got {box}")
+        boxes.append(box)
     return boxes or None
 
 
@@ -185,67 +404,147 @@ def _relative_to(path: str, base: Path) -> str:
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp")
 
 
-def from_folder(root: str | os.PathLike, source: str | None = None,
-                patient_from: str | None = None) -> pd.DataFrame:
+@dataclass
+class FolderScan:
+    """What a folder of class sub-folders holds, without reading an image."""
+
+    root: Path
+    classes: dict[str, list[Path]] = field(default_factory=dict)  # class folder -> its image files, any depth
+    empty: list[str] = field(default_factory=list)  # class folders without an image file
+    loose: list[Path] = field(default_factory=list)  # image files beside the class folders (no class)
+    not_images: list[Path] = field(default_factory=list)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {name: len(files) for name, files in self.classes.items()}
+
+    @property
+    def files(self) -> list[Path]:
+        return [f for files in self.classes.values() for f in files]
+
+
+def scan_class_folder(root: str | os.PathLike) -> FolderScan:
+    """List ``root/<class>/**/<image>`` as :func:`from_folder` reads it (hidden files and folders skipped)."""
+    root = Path(root)
+    scan = FolderScan(root)
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_file() and entry.suffix.lower() in IMAGE_EXTENSIONS:
+            scan.loose.append(entry)
+        elif entry.is_dir():
+            files = sorted(p for p in entry.rglob("*") if p.is_file()
+                           and not any(part.startswith(".") for part in p.relative_to(entry).parts))
+            images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+            scan.not_images += [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
+            if images:
+                scan.classes[entry.name] = images
+            else:
+                scan.empty.append(entry.name)
+    return scan
+
+
+LOOSE_REASON = "image file(s) loose beside the class folders (no class)"
+
+
+def from_folder(root: str | os.PathLike, source: str | None = None, patient_from: str | None = None,
+                label_map: Mapping | None = None) -> pd.DataFrame:
     """A folder of class sub-folders (label = sub-folder name) holding image files at any depth.
 
     ``image_id`` is ``"<class>/<path below the class folder, without extension>"`` (the extension is
     kept where two files differ only by it). ``patient_from`` is a regular expression searched in
     each file name; its group ``patient`` (or its first group, or the whole match) is the patient
     id. Without it every image is its own patient and ``attrs["patient_ids_from_images"]`` is True.
-    Files whose extension is not an image extension are counted in ``attrs["excluded"]``.
+    Labels go through :func:`normalise_labels`: folder names differing only in case stop the build unless
+    ``label_map`` ({folder name: class | "drop"}) merges them.
+
+    Nothing is left out quietly: files whose extension is not an image extension, images lying beside the
+    class folders (listed in ``attrs["excluded_files"]``) and rows ``label_map`` drops are counted in
+    ``attrs["excluded"]``; class folders without an image are listed in ``attrs["empty_class_folders"]``;
+    each of these is also warned about.
     """
     root = existing_dir(root, "from_folder root")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not class_dirs:
-        raise ManifestError(f"{root}: no class sub-folders found; from_folder expects <root>/<class name>/<images>")
+    scan = scan_class_folder(root)
+    if not scan.classes and not scan.empty:
+        found = f" ({len(scan.loose)} image(s) directly in it)" if scan.loose else ""
+        raise ManifestError(f"{root}: no class sub-folders found{found}; from_folder expects "
+                            f"<root>/<class name>/<images>")
+    if not scan.classes:
+        raise ManifestError(f"{root}: the class sub-folders {scan.empty} hold no image files "
+                            f"(extensions {IMAGE_EXTENSIONS})")
     pattern = _compile_patient_pattern(patient_from)
     rows: list[dict[str, Any]] = []
-    not_images: list[Path] = []
     unmatched: list[str] = []
-    for class_dir in class_dirs:
-        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
-        images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
-        not_images += [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
-        ids = _unique_ids(class_dir.name, [p.relative_to(class_dir) for p in images])
+    for name, images in scan.classes.items():
+        class_dir = root / name
+        ids = _unique_ids(name, [p.relative_to(class_dir) for p in images])
         for image_id, file in zip(ids, images):
             patient = image_id
             if pattern is not None:
                 patient = patient_from_name(pattern, file.name)
                 if patient is None:
                     unmatched.append(str(file))
-            rows.append({"image_id": image_id, "path": str(file.resolve()), "label": class_dir.name,
+            rows.append({"image_id": image_id, "path": str(file.resolve()), "label": name,
                          "patient_id": patient, "source": source or root.name})
     if unmatched:
         raise ManifestError(
             f"patient_from={patient_from!r} does not match {len(unmatched)} file name(s), e.g. "
             f"{unmatched[:5]}; fix the pattern or leave patient_from=None (each image its own patient)")
-    if not rows:
-        raise ManifestError(f"{root}: the class sub-folders {[d.name for d in class_dirs]} hold no image files "
-                            f"(extensions {IMAGE_EXTENSIONS})")
-    excluded = {"not an image file (extension)": len(not_images)} if not_images else {}
-    if not_images:
-        warn_excluded(root, excluded, examples=[str(p) for p in not_images[:3]])
-    df = finish_manifest(pd.DataFrame(rows), excluded)
+    df = pd.DataFrame(rows)
+    labels, excluded = normalise_labels(df["label"], f"{root}: class folders", label_map,
+                                        fix="rename the class folders", unit="image",
+                                        merge="merge them with from_folder(..., label_map={example_py})")
+    df = df.assign(label=labels)[[label is not None for label in labels]]
+    if df.empty:
+        raise ManifestError(f"{root}: label_map={dict(label_map or {})} drops every image; keep at least one class")
+    if scan.not_images:
+        excluded = {"not an image file (extension)": len(scan.not_images), **excluded}
+    if scan.loose:
+        excluded[LOOSE_REASON] = len(scan.loose)
+    warn_folder(root, scan, excluded)
+    df = finish_manifest(df, excluded)
     df.attrs["patient_ids_from_images"] = pattern is None
+    if scan.loose:
+        df.attrs["excluded_files"] = [str(p) for p in scan.loose]
+    if scan.empty:
+        df.attrs["empty_class_folders"] = list(scan.empty)
     return df
 
 
-def from_csv(csv_path: str | os.PathLike, image_dir: str | os.PathLike, path_column: str, label_column: str,
-             patient_column: str | None = None, view_column: str | None = None, id_column: str | None = None,
-             label_map: dict[str, str] | None = None, source: str | None = None,
-             split_column: str | None = None) -> pd.DataFrame:
+def warn_folder(root: Path, scan: FolderScan, excluded: dict[str, int]) -> None:
+    """One warning for everything a class folder held that did not become a row (see :func:`from_folder`)."""
+    parts = []
+    if scan.loose:
+        parts.append(f"{len(scan.loose)} image(s) beside the class folders have no class and are left out: "
+                     f"{[p.name for p in scan.loose][:10]}{' ...' if len(scan.loose) > 10 else ''}")
+    if scan.empty:
+        parts.append(f"empty class folder(s) {scan.empty} (no image files, so no class)")
+    if scan.not_images:
+        parts.append(f"{len(scan.not_images)} file(s) left out, not an image file (extension), e.g. "
+                     f"{[str(p) for p in scan.not_images[:3]]}")
+    if parts:
+        warnings.warn(f"{root}: " + "; ".join(parts), stacklevel=3)
+
+
+def from_csv(csv_path: str | os.PathLike, image_dir: str | os.PathLike, path_column: str,
+             label_column: str | None, patient_column: str | None = None, view_column: str | None = None,
+             id_column: str | None = None, label_map: Mapping | None = None, source: str | None = None,
+             split_column: str | None = None, unmapped: str = "drop") -> pd.DataFrame:
     """A label table: one row per image, file paths relative to ``image_dir`` (or absolute).
 
-    ``label_map`` maps raw labels to class names; rows whose raw label is not in it are excluded
-    and counted. ``split_column`` takes a split the data brings with it (train/val/test). The
-    CSV's other columns are kept unless their name is a manifest column.
+    Labels go through :func:`normalise_labels` (whitespace stripped; spellings differing only in case stop
+    the build, naming the rows). ``label_map`` maps raw labels to class names ("drop" or None drops); with
+    ``unmapped="drop"`` (the default) it is a whitelist: rows whose raw label it does not name are excluded and
+    counted; with ``unmapped="keep"`` they keep their label (a profile's label_map). ``label_column=None``
+    labels every image ``"unlabelled"`` (a pretraining pool). ``split_column`` takes a split the data brings
+    with it (train/val/test). The CSV's other columns are kept unless their name is a manifest column.
+    An empty table, an empty path cell or a missing file stops with the file and the row.
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise ManifestError(f"label table not found: {csv_path}")
     image_dir = existing_dir(image_dir, "from_csv image_dir")
-    table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    table = read_table(csv_path, "label table")
     named = {"path_column": path_column, "label_column": label_column, "patient_column": patient_column,
              "view_column": view_column, "id_column": id_column, "split_column": split_column}
     absent = {arg: col for arg, col in named.items() if col is not None and col not in table.columns}
@@ -256,16 +555,24 @@ def from_csv(csv_path: str | os.PathLike, image_dir: str | os.PathLike, path_col
             + f"; the table's columns are {list(table.columns)}")
     # CSV row r (0-based) is line r + 2 of the file (after the header); errors name both.
     table["_row"] = np.arange(len(table))
-    excluded: dict[str, int] = {}
-    raw_labels = table[label_column].str.strip()
-    if label_map is not None:
-        known = raw_labels.isin(list(label_map))
-        for raw, count in raw_labels[~known].value_counts().sort_index().items():
-            excluded[f"label {raw!r} not in label_map"] = int(count)
-        table, raw_labels = table[known], raw_labels[known]
-        labels = raw_labels.map(label_map)
+    if label_column is None:
+        labels, excluded = ["unlabelled"] * len(table), {}
     else:
-        labels = raw_labels
+        labels, excluded = normalise_labels(
+            table[label_column], f"{csv_path}: column {label_column!r}", label_map, unmapped=unmapped,
+            fix=f"correct column {label_column!r} of the table", first_line=2,
+            merge=("merge them with label_map={example_py}, unmapped='keep'" if label_map is None
+                   else "add {example_py} to label_map"))
+    keep = np.array([label is not None for label in labels], dtype=bool)
+    table = table[keep]
+    labels = [label for label in labels if label is not None]
+    if table.empty:
+        raise ManifestError(f"{csv_path}: label_map={dict(label_map or {})} leaves no row ({excluded}); "
+                            f"map at least one label of column {label_column!r}")
+    blank = [f"row {r} (line {r + 2})" for r, p in zip(table["_row"], table[path_column]) if not p.strip()]
+    if blank:
+        raise ManifestError(f"{csv_path}: {len(blank)} row(s) have an empty {path_column!r} cell: {blank[:20]}. "
+                            f"What to do: fill in the image file or remove the rows")
     paths = [Path(p.strip()) for p in table[path_column]]
     paths = [p if p.is_absolute() else image_dir / p for p in paths]
     missing = [f"row {r} (line {r + 2}): {p}" for r, p in zip(table["_row"], paths) if not p.is_file()]
@@ -277,7 +584,7 @@ def from_csv(csv_path: str | os.PathLike, image_dir: str | os.PathLike, path_col
         ids = table[id_column].str.strip().tolist()
     else:
         ids = _unique_ids(None, [_relative_or_name(p, image_dir) for p in paths])
-    df = pd.DataFrame({"image_id": ids, "path": [str(p.resolve()) for p in paths], "label": labels.tolist(),
+    df = pd.DataFrame({"image_id": ids, "path": [str(p.resolve()) for p in paths], "label": labels,
                        "source": source or csv_path.parent.name})
     df["patient_id"] = table[patient_column].str.strip().tolist() if patient_column else df["image_id"]
     if view_column:
@@ -288,8 +595,9 @@ def from_csv(csv_path: str | os.PathLike, image_dir: str | os.PathLike, path_col
     for column in table.columns:
         if column not in used and column != "_row" and column not in MANIFEST_COLUMNS:
             df[column] = table[column].tolist()
-    if excluded:
-        warn_excluded(csv_path, excluded)
+    unasked = {reason: count for reason, count in excluded.items() if not reason.endswith("dropped by label_map")}
+    if unasked:  # rows the label_map drops by name are counted, not warned about: they were asked for
+        warn_excluded(csv_path, unasked)
     df = finish_manifest(df, excluded)
     df.attrs["patient_ids_from_images"] = patient_column is None
     return df

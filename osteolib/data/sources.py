@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -32,16 +31,24 @@ import numpy as np
 import pandas as pd
 
 from osteolib.data.manifest import (
+    DROP,
     IMAGE_EXTENSIONS,
+    FolderScan,
+    LabelError,
     ManifestError,
     add_image_sizes,
+    case_variants,
     concat_manifests,
     finish_manifest,
     from_csv,
     from_folder,
     from_image_folder,
+    label_mapping,
+    normalise_labels,
     patient_from_name,
     read_manifest,
+    read_table,
+    scan_class_folder,
 )
 from osteolib.data.builtin import REAL_FOLDERS, SYNTHETIC, hannover, kermany, nih_cxr14
 from osteolib.data.synthetic.datasets import ensure_synthetic
@@ -111,7 +118,6 @@ SPEC_KEYS = {
 }
 BOX_COLUMNS = ("image", "x", "y", "width", "height")  # + optional "label"; pixels of the file as stored
 UNLABELLED = "unlabelled"  # the label of every image of a `labels: none` spec
-DROP = "drop"  # label_map value that drops a class (YAML null does too)
 PLACEHOLDER = "CHANGE_ME"  # the root of profiles/own_data.yaml until the user sets it
 SPEC_EXAMPLES = ("{kind: folder, root: DIR, patient_from: '^(?P<patient>[^_]+)_'} or "
                  "{kind: csv, table: FILE, image_dir: DIR, path_column: ..., label_column: ...}")
@@ -125,105 +131,48 @@ class DatasetSpecError(ManifestError):
         super().__init__(f"{where}: {problem}. What to do: {hint}")
 
 
-@dataclass
-class FolderScan:
-    """What a folder of class sub-folders holds, without reading an image."""
-
-    root: Path
-    classes: dict[str, list[Path]] = field(default_factory=dict)  # class folder -> its image files, any depth
-    empty: list[str] = field(default_factory=list)  # class folders without an image file
-    loose: list[Path] = field(default_factory=list)  # image files beside the class folders (no class)
-    not_images: list[Path] = field(default_factory=list)
-
-    @property
-    def counts(self) -> dict[str, int]:
-        return {name: len(files) for name, files in self.classes.items()}
-
-    @property
-    def files(self) -> list[Path]:
-        return [f for files in self.classes.values() for f in files]
-
-
-def scan_class_folder(root: str | os.PathLike) -> FolderScan:
-    """List ``root/<class>/**/<image>`` as :func:`osteolib.data.manifest.from_folder` reads it."""
-    root = Path(root)
-    scan = FolderScan(root)
-    for entry in sorted(root.iterdir()):
-        if entry.name.startswith("."):
-            continue
-        if entry.is_file() and entry.suffix.lower() in IMAGE_EXTENSIONS:
-            scan.loose.append(entry)
-        elif entry.is_dir():
-            files = sorted(p for p in entry.rglob("*") if p.is_file() and not p.name.startswith("."))
-            images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
-            scan.not_images += [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
-            if images:
-                scan.classes[entry.name] = images
-            else:
-                scan.empty.append(entry.name)
-    return scan
-
-
 def _image_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
-def case_variants(labels: Sequence[str]) -> list[list[str]]:
-    """Groups of distinct labels that differ only in case (``["Normal", "normal"]``)."""
-    groups: dict[str, set[str]] = {}
-    for label in labels:
-        groups.setdefault(str(label).casefold(), set()).add(str(label))
-    return [sorted(g) for g in groups.values() if len(g) > 1]
-
-
 def map_classes(classes: Sequence[str], label_map: Any, where: str = "label_map") -> dict[str, str | None]:
     """Check a ``label_map`` ({class: new class | "drop" | null}) against the classes; return the full mapping."""
-    if not isinstance(label_map, dict):
-        raise DatasetSpecError(where, f"must be a mapping {{class: new class or drop}}, got {label_map!r}",
-                               "write e.g. {osteopenia: drop} or {osteopenia: osteoporosis}")
-    mapping: dict[str, str | None] = {c: c for c in classes}
-    for raw, new in label_map.items():
-        key = str(raw).strip()
-        if key not in mapping:
-            raise DatasetSpecError(f"{where}.{key}", f"{key!r} is not a class of the data set (its classes are "
-                                   f"{sorted(classes)})", "correct the spelling or remove the entry")
-        if new is None or str(new).strip().lower() == DROP:
-            mapping[key] = None
-        elif isinstance(new, (str, int)) and str(new).strip():
-            mapping[key] = str(new).strip()
-        else:
-            raise DatasetSpecError(f"{where}.{key}", f"maps to {new!r}", "map to a class name or to drop")
-    return mapping
+    try:
+        return label_mapping(classes, label_map, where)
+    except LabelError as err:
+        raise DatasetSpecError(err.where, err.problem, err.hint) from None
 
 
 def check_case_variants(labels: Sequence[str], where: str) -> None:
-    variants = case_variants(labels)
-    if variants:
-        example = ", ".join(f"{v}: {g[0]}" for g in variants for v in g[1:])
-        raise DatasetSpecError(where, f"class names that differ only in case: {variants}",
-                               f"rename the folders/values to one spelling, or merge them with "
-                               f"label_map: {{{example}}}")
+    """Stop on class names that differ only in case (see :func:`osteolib.data.manifest.normalise_labels`)."""
+    _labels_or_spec_error(labels, where)
+
+
+def _labels_or_spec_error(labels: Sequence[str], where: str, **options: Any) -> tuple[list[str | None], dict[str, int]]:
+    try:
+        return normalise_labels(labels, where, **options)
+    except LabelError as err:
+        raise DatasetSpecError(err.where, err.problem, err.hint) from None
 
 
 def apply_label_map(df: pd.DataFrame, label_map: dict[str, Any] | None, where: str = "label_map") -> pd.DataFrame:
     """Merge or drop classes: ``{osteopenia: osteoporosis}`` renames, ``{osteopenia: drop}`` drops the rows.
 
-    Dropped rows are counted in ``attrs["excluded"]``; a key naming no class of the manifest is an error.
+    Labels go through :func:`osteolib.data.manifest.normalise_labels` (the builders' own rules); dropped rows
+    are counted in ``attrs["excluded"]``; a key naming no class of the manifest is an error, and so are
+    classes that still differ only in case afterwards.
     """
     if not label_map:
         return df
     attrs = dict(df.attrs)
-    mapping = map_classes(sorted(df["label"].unique()), label_map, where)
-    mapped = df["label"].map(mapping)
-    excluded = dict(attrs.get("excluded", {}))
-    for raw, count in df.loc[mapped.isna(), "label"].value_counts().sort_index().items():
-        excluded[f"label {raw!r} dropped by label_map"] = int(count)
-    out = df.assign(label=mapped)[mapped.notna()].reset_index(drop=True)
+    labels, dropped = _labels_or_spec_error(df["label"], where, label_map=label_map, map_where=where,
+                                            fix="map every spelling", merge="add them to label_map: {example}")
+    keep = np.array([label is not None for label in labels], dtype=bool)
+    out = df.assign(label=labels)[keep].reset_index(drop=True)
     if out.empty:
         raise DatasetSpecError(where, "drops every image", "keep at least one class")
-    check_case_variants(sorted(out["label"].unique()), where)
-    out.attrs = {**attrs, "excluded": excluded}
+    out.attrs = {**attrs, "excluded": {**attrs.get("excluded", {}), **dropped}}
     return out
 
 
@@ -312,8 +261,9 @@ def check_dataset_spec(spec: str | dict[str, Any], data_root: str | os.PathLike 
             blank = [c for c in raw_classes if not c.strip()]
             if blank:
                 raise DatasetSpecError(f"{where}.root", f"class folder name(s) {blank} are blank", "rename them")
-            class_names = sorted({c.strip() for c in raw_classes})
-            labels_where = f"{where}.root"
+            row_labels: list[str] = [name for name, class_files in scan.classes.items() for _ in class_files]
+            first_line = None
+            labels_where, fix = f"{where}.root", f"rename the class folders in {root}"
             for name, class_files in scan.classes.items():
                 for f in class_files:
                     add_key(f.relative_to(root / name).as_posix(), f)
@@ -356,11 +306,7 @@ def check_dataset_spec(spec: str | dict[str, Any], data_root: str | os.PathLike 
         if not image_dir.is_dir():
             raise DatasetSpecError(f"{where}.image_dir", f"folder not found: {image_dir}",
                                    "check the path (relative paths resolve against data_root)")
-        try:
-            table = pd.read_csv(table_path, dtype=str, keep_default_na=False)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-            raise DatasetSpecError(f"{where}.table", f"{table_path} is not a readable CSV ({err})",
-                                   "save it as comma-separated text with a header row") from None
+        table = _read_spec_table(table_path, f"{where}.table", "label table")
         columns = {"path_column": spec.get("path_column", "path"),
                    "label_column": spec.get("label_column", "label") if labelled else spec.get("label_column"),
                    "patient_column": spec.get("patient_column"), "view_column": spec.get("view_column"),
@@ -371,14 +317,10 @@ def check_dataset_spec(spec: str | dict[str, Any], data_root: str | os.PathLike 
                                        f"set {arg} to one of the table's columns {list(table.columns)}")
         out.update(table=str(table_path), image_dir=str(image_dir), image_keys_base=str(image_dir), **columns)
         if labelled:
-            raw = table[columns["label_column"]].str.strip()
-            blank = [f"row {r} (line {r + 2})" for r in np.flatnonzero((raw == "").to_numpy())]
-            if blank:
-                raise DatasetSpecError(f"{where}.label_column", f"{len(blank)} row(s) of {table_path} have an "
-                                       f"empty {columns['label_column']!r}: {blank[:10]}",
-                                       "fill in the label or remove the rows")
-            class_names = sorted(set(raw))
+            row_labels = table[columns["label_column"]].tolist()
+            first_line = 2
             labels_where = f"{where}.label_column"
+            fix = f"correct column {columns['label_column']!r} of {table_path}"
         else:
             class_names = [UNLABELLED]
         for value in table[columns["path_column"]]:
@@ -386,21 +328,32 @@ def check_dataset_spec(spec: str | dict[str, Any], data_root: str | os.PathLike 
             f = f if f.is_absolute() else image_dir / f
             add_key(value.strip().replace("\\", "/"), f)
             add_key(f.name, f)
-    if spec.get("label_map") is not None:
-        if not labelled:
-            raise DatasetSpecError(f"{where}.label_map", "labels: none has no classes to map", "remove label_map")
-        mapping = map_classes(class_names, spec["label_map"], f"{where}.label_map")
-        class_names = sorted({c for c in mapping.values() if c is not None})
+    if spec.get("label_map") is not None and not labelled:
+        raise DatasetSpecError(f"{where}.label_map", "labels: none has no classes to map", "remove label_map")
+    if labelled:  # the builders' own label rules (osteolib.data.manifest.normalise_labels), checked before any work
+        mapped, _ = _labels_or_spec_error(
+            row_labels, labels_where if spec.get("label_map") is None else f"{where}.label_map",
+            label_map=spec.get("label_map"), map_where=f"{where}.label_map", fix=fix, first_line=first_line,
+            merge="merge them with label_map: {example} in this data-set spec",
+            unit="row" if first_line else "image")
+        class_names = sorted({c for c in mapped if c is not None})
         if not class_names:
             raise DatasetSpecError(f"{where}.label_map", "drops every class", "keep at least one class")
-    if labelled:
-        check_case_variants(class_names, labels_where if spec.get("label_map") is None else f"{where}.label_map")
     out["label_map"] = spec.get("label_map")
     if target and len(class_names) < 2:
         raise DatasetSpecError(where, f"only one class {class_names}", "the target task needs two or more classes")
     out["classes"] = class_names
     out["regions"] = _check_regions(spec.get("regions"), data_root, f"{where}.regions", keys)
+    out["image_files"] = sorted({f for files in keys.values() for f in files})
     return out
+
+
+def _read_spec_table(path: Path, where: str, what: str, allow_no_rows: bool = False) -> pd.DataFrame:
+    try:
+        return read_table(path, what, allow_no_rows=allow_no_rows)
+    except ManifestError as err:
+        problem, _, hint = str(err).partition(". What to do: ")
+        raise DatasetSpecError(where, problem, hint or "save it as comma-separated text with a header row") from None
 
 
 def _check_regions(regions: Any, data_root, where: str, keys: dict[str, list[Path]]) -> dict[str, Any]:
@@ -419,12 +372,14 @@ def _check_regions(regions: Any, data_root, where: str, keys: dict[str, list[Pat
         path = _resolve(regions["boxes"], data_root, f"{where}.boxes", "box table (CSV)")
         if not path.is_file():
             raise DatasetSpecError(f"{where}.boxes", f"file not found: {path}", "check the path")
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-        table.columns = [c.strip() for c in table.columns]
+        table = _read_spec_table(path, f"{where}.boxes", "box table", allow_no_rows=True)
         absent = [c for c in BOX_COLUMNS if c not in table.columns]
         if absent:
             raise DatasetSpecError(f"{where}.boxes", f"{path} lacks column(s) {absent} (it has {list(table.columns)})",
                                    f"write the header {','.join(BOX_COLUMNS)}[,label] (pixels of the image file)")
+        if table.empty:
+            warnings.warn(f"{where}.boxes: {path} has a header but no rows: no image gets an expert box",
+                          stacklevel=3)
         boxes: list[tuple[int, Path, dict[str, Any]]] = []
         for r, record in enumerate(table.to_dict("records")):
             name = record["image"].strip().replace("\\", "/")
@@ -460,69 +415,63 @@ def load_spec(spec: dict[str, Any], data_root: str | os.PathLike | None = None, 
     """The manifest of a spec (checked first by :func:`check_dataset_spec`).
 
     Image sizes are read from the headers; expert regions are attached as ``boxes`` / ``mask_path``;
-    ``label_map`` merges or drops classes (dropped rows counted in ``attrs["excluded"]``). Images beside the
-    class folders and empty class folders are warned about and listed in ``attrs["excluded_files"]`` /
-    ``attrs["empty_class_folders"]``.
+    ``label_map`` merges or drops classes as the builder reads the labels (dropped rows counted in
+    ``attrs["excluded"]``, their boxes in ``attrs["boxes_on_excluded_images"]``). Images beside the class folders
+    and empty class folders are warned about and listed in ``attrs["excluded_files"]`` /
+    ``attrs["empty_class_folders"]`` (by :func:`osteolib.data.manifest.from_folder`).
     """
     spec_info = check_dataset_spec(spec, data_root, where, target=target)
     if spec_info["kind"] == "builtin":
         return load_dataset(spec_info["name"], data_root)
     source = spec_info["source"]
-    extra_attrs: dict[str, Any] = {}
-    extra_excluded: dict[str, int] = {}
+    label_map = spec_info["label_map"] or None
     if spec_info["kind"] == "folder" and spec_info["labelled"]:
-        df = from_folder(spec_info["root"], source=source, patient_from=spec_info["patient_from"])
-        scan: FolderScan = spec_info["scan"]
-        if scan.loose:
-            extra_excluded["image file(s) loose beside the class folders (no class)"] = len(scan.loose)
-            extra_attrs["excluded_files"] = [str(p) for p in scan.loose]
-        if scan.empty:
-            extra_attrs["empty_class_folders"] = list(scan.empty)
-        if scan.loose or scan.empty:
-            warnings.warn(f"{spec_info['root']}: " + "; ".join(
-                ([f"{len(scan.loose)} image(s) beside the class folders have no class and are left out: "
-                  f"{[p.name for p in scan.loose][:10]}"] if scan.loose else [])
-                + ([f"empty class folder(s) {scan.empty} (no images; no class)"] if scan.empty else [])), stacklevel=2)
+        df = from_folder(spec_info["root"], source=source, patient_from=spec_info["patient_from"],
+                         label_map=label_map)
     elif spec_info["kind"] == "folder":
         df = from_image_folder(spec_info["root"], source=source, patient_from=spec_info["patient_from"])
     else:
         df = from_csv(spec_info["table"], spec_info["image_dir"], spec_info["path_column"],
-                      spec_info["label_column"] or spec_info["path_column"], spec_info["patient_column"],
-                      spec_info["view_column"], spec_info["id_column"], None, source, spec_info["split_column"])
-        if not spec_info["labelled"]:
-            df["label"] = UNLABELLED
+                      spec_info["label_column"] if spec_info["labelled"] else None, spec_info["patient_column"],
+                      spec_info["view_column"], spec_info["id_column"], label_map, source,
+                      spec_info["split_column"], unmapped="keep")
     attrs = dict(df.attrs)
-    attrs["excluded"] = {**attrs.get("excluded", {}), **extra_excluded}
-    attrs.update(extra_attrs)
-    df["label"] = df["label"].astype(str).str.strip()
+    attrs["excluded"] = dict(attrs.get("excluded", {}))
     if spec_info["view"] is not None:
         df["view"] = [str(spec_info["view"]).strip().upper() if v in ("", "unknown") else v
                       for v in df.get("view", pd.Series(["unknown"] * len(df)))]
     df = add_image_sizes(df)
     regions = spec_info["regions"]
+    in_manifest = {str(Path(p).resolve()) for p in df["path"]}
+    left_out = {f for f in spec_info["image_files"] if str(f.resolve()) not in in_manifest} if label_map else set()
     if "box_rows" in regions:
-        df = _attach_boxes(df, regions, f"{where}.regions.boxes")
+        df, n_left_out = _attach_boxes(df, regions, f"{where}.regions.boxes", left_out)
+        if n_left_out:
+            attrs["boxes_on_excluded_images"] = n_left_out
     if "masks" in regions:
-        df, extra = _attach_masks(df, Path(regions["masks"]), f"{where}.regions.masks")
+        df, extra = _attach_masks(df, Path(regions["masks"]), f"{where}.regions.masks",
+                                  {f.stem for f in left_out})
         attrs.update(extra)
-    df.attrs = attrs
-    if spec_info["label_map"]:
-        df = apply_label_map(df, spec_info["label_map"], f"{where}.label_map")
-        attrs = dict(df.attrs)
     if attrs.get("patient_ids_from_images") and spec_info["labelled"]:
         warnings.warn(f"{where}: no patient ids (each image counts as its own patient, so images of one patient "
                       f"can land in two splits); set patient_from (a regex on the file name with a group named "
                       f"patient) or patient_column", stacklevel=2)
-    out = finish_manifest(df, attrs.get("excluded", {}))
-    out.attrs = {**attrs, "excluded": attrs.get("excluded", {})}
+    out = finish_manifest(df, attrs["excluded"])
+    out.attrs = attrs
     return out
 
 
-def _attach_boxes(df: pd.DataFrame, regions: dict[str, Any], where: str) -> pd.DataFrame:
+def _attach_boxes(df: pd.DataFrame, regions: dict[str, Any], where: str,
+                  left_out: set[Path]) -> tuple[pd.DataFrame, int]:
+    """Boxes onto their rows; box rows of images label_map dropped (``left_out``) are counted, not attached."""
     by_path = {str(Path(p).resolve()): i for i, p in enumerate(df["path"])}
     boxes: dict[int, list[dict[str, Any]]] = {}
+    n_left_out = 0
     for r, file, box in regions["box_rows"]:
         i = by_path.get(str(file.resolve()))
+        if i is None and file in left_out:
+            n_left_out += 1
+            continue
         if i is None:  # checked before; only a file the builder left out gets here
             raise DatasetSpecError(where, f"{regions['boxes']} row {r} (line {r + 2}) names {file}, which is not "
                                    f"in the manifest", "remove the row")
@@ -534,10 +483,11 @@ def _attach_boxes(df: pd.DataFrame, regions: dict[str, Any], where: str) -> pd.D
         boxes.setdefault(i, []).append(box)
     out = df.copy()
     out["boxes"] = [boxes.get(i) for i in range(len(df))]
-    return out
+    return out, n_left_out
 
 
-def _attach_masks(df: pd.DataFrame, masks: Path, where: str) -> tuple[pd.DataFrame, dict[str, Any]]:
+def _attach_masks(df: pd.DataFrame, masks: Path, where: str,
+                  left_out_stems: set[str] = frozenset()) -> tuple[pd.DataFrame, dict[str, Any]]:
     from PIL import Image
 
     by_stem: dict[str, list[int]] = {}
@@ -545,11 +495,15 @@ def _attach_masks(df: pd.DataFrame, masks: Path, where: str) -> tuple[pd.DataFra
         by_stem.setdefault(Path(p).stem, []).append(i)
     chosen: dict[int, Path] = {}
     orphans: list[str] = []
+    of_left_out = 0
     for mask in _image_files(masks):
         stem = mask.stem
         if stem not in by_stem and stem.lower().endswith("_mask"):
             stem = stem[:-5]
         rows = by_stem.get(stem)
+        if not rows and (mask.stem in left_out_stems or stem in left_out_stems):
+            of_left_out += 1  # the mask of an image label_map dropped
+            continue
         if not rows:
             orphans.append(mask.name)
             continue
@@ -568,7 +522,7 @@ def _attach_masks(df: pd.DataFrame, masks: Path, where: str) -> tuple[pd.DataFra
         chosen[rows[0]] = mask
     out = df.copy()
     out["mask_path"] = [str(chosen[i].resolve()) if i in chosen else None for i in range(len(df))]
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"masks_of_excluded_images": of_left_out} if of_left_out else {}
     if orphans:
         extra["masks_without_image"] = orphans
         warnings.warn(f"{where}: {len(orphans)} mask(s) in {masks} match no image by file name stem: "

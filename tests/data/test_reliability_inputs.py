@@ -1,0 +1,252 @@
+"""Inputs are read as they are (issue 19, item 3): every case here once went through quietly.
+
+Labels are normalised in one place (whitespace stripped; case variants stop unless label_map merges them), 16-bit
+colour files keep their 16 bits, a DICOM header declaring a huge image stops before any decoding, loose images and
+empty class folders are reported, malformed manifest cells and empty tables name the file and the row, and the
+preprocessing cache notices a file replaced by another of the same size and modification time.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import time
+import tracemalloc
+import warnings
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from osteolib.data import io
+from osteolib.data.cache import ImageCache, cache_key, CacheSettings
+from osteolib.data.io import XrayReadError, read_xray, scan_files
+from osteolib.data.manifest import (
+    LabelError,
+    ManifestError,
+    from_csv,
+    from_folder,
+    normalise_labels,
+    read_manifest,
+    write_manifest,
+)
+from osteolib.data.sources import DatasetSpecError, apply_label_map, check_dataset_spec, load_spec
+from osteolib.data.synthetic.lab_folder import write_dicom
+
+
+def first_line(err: pytest.ExceptionInfo) -> str:
+    return str(err.value).splitlines()[0]
+
+
+def png8(path: Path, value: int = 100, size: tuple[int, int] = (12, 10)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.full(size[::-1], value, dtype=np.uint8)
+    pixels[0, 0] = (value + 50) % 256
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------
+# 1. Labels: one function for every way labels enter
+
+
+def test_whitespace_is_stripped_and_case_variants_stop_with_every_spelling_listed():
+    labels, excluded = normalise_labels([" normal", "normal ", "osteo"], "t.csv: column 'dx'")
+    assert labels == ["normal", "normal", "osteo"] and excluded == {}
+    with pytest.raises(LabelError) as err:
+        normalise_labels(["Normal", "normal ", "NORMAL", "normal", "osteo"], "t.csv: column 'dx'", first_line=2)
+    assert first_line(err) == (
+        "t.csv: column 'dx': class names that differ only in case: [['NORMAL', 'Normal', 'normal']] "
+        "('NORMAL' 1 row(s), first at row 2 (line 4); 'Normal' 1 row(s), first at row 0 (line 2); "
+        "'normal' 2 row(s), first at row 1 (line 3)). What to do: correct the labels so that each class has one "
+        "spelling, or merge them with label_map: {NORMAL: normal, Normal: normal}")
+    merged, _ = normalise_labels(["Normal", "normal ", "NORMAL", "osteo"], "t", {"Normal": "normal", "NORMAL": "normal"})
+    assert merged == ["normal", "normal", "normal", "osteo"]
+    with pytest.raises(LabelError, match=r"^t: class names that differ only in case: \[\['NORMAL', 'normal'\]\]"):
+        normalise_labels(["Normal", "normal", "NORMAL"], "t", {"Normal": "normal"})  # one spelling left unmerged
+    with pytest.raises(LabelError, match=r"^t: 1 empty label\(s\): row 1 \(line 3\)"):
+        normalise_labels(["a", "  ", "b"], "t", first_line=2)
+
+
+def test_case_variant_class_folders_stop_from_folder_unless_label_map_merges_them(tmp_path):
+    for name in ("Normal/a.png", "normal /b.png", "NORMAL/c.png", "normal/d.png", "osteo/e.png"):
+        png8(tmp_path / name)
+    with pytest.raises(LabelError) as err:
+        from_folder(tmp_path)
+    assert first_line(err) == (
+        f"{tmp_path}: class folders: class names that differ only in case: [['NORMAL', 'Normal', 'normal']] "
+        "('NORMAL' 1 image(s); 'Normal' 1 image(s); 'normal' 2 image(s)). What to do: rename the class folders so "
+        "that each class has one spelling, or merge them with from_folder(..., label_map={'NORMAL': 'normal', "
+        "'Normal': 'normal'})")
+    df = from_folder(tmp_path, label_map={"NORMAL": "normal", "Normal": "normal"})
+    assert df["label"].value_counts().to_dict() == {"normal": 4, "osteo": 1}
+    dropped = from_folder(tmp_path, label_map={"NORMAL": "drop", "Normal": None})
+    assert dropped["label"].value_counts().to_dict() == {"normal": 2, "osteo": 1}
+    assert dropped.attrs["excluded"] == {"label 'NORMAL' dropped by label_map": 1,
+                                         "label 'Normal' dropped by label_map": 1}
+
+
+def _variant_table(tmp_path: Path) -> Path:
+    rows = []
+    for i, label in enumerate(["Normal", "normal ", " NORMAL", "normal", "osteo", "osteo"]):
+        png8(tmp_path / "img" / f"x{i}.png", value=10 * i)
+        rows.append({"file": f"x{i}.png", "dx": label, "pid": f"p{i}"})
+    pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
+    return tmp_path / "labels.csv"
+
+
+def test_case_variant_labels_of_a_table_stop_from_csv_naming_the_lines(tmp_path):
+    table = _variant_table(tmp_path)
+    with pytest.raises(LabelError) as err:
+        from_csv(table, tmp_path / "img", "file", "dx")
+    assert first_line(err).startswith(
+        f"{table}: column 'dx': class names that differ only in case: [['NORMAL', 'Normal', 'normal']] "
+        "('NORMAL' 1 row(s), first at row 2 (line 4); 'Normal' 1 row(s), first at row 0 (line 2); 'normal' 2 row(s), "
+        "first at row 1 (line 3)). What to do: correct column 'dx' of the table so that each class has one spelling, "
+        "or merge them with label_map={'NORMAL': 'normal', 'Normal': 'normal'}, unmapped='keep'")
+    df = from_csv(table, tmp_path / "img", "file", "dx", label_map={"Normal": "normal", "NORMAL": "normal"},
+                  unmapped="keep")
+    assert df["label"].tolist() == ["normal"] * 4 + ["osteo"] * 2
+
+
+def test_spec_stops_before_any_work_and_its_label_map_merges_the_variants(tmp_path):
+    table = _variant_table(tmp_path)
+    spec = {"kind": "csv", "table": str(table), "image_dir": str(tmp_path / "img"), "path_column": "file",
+            "label_column": "dx", "patient_column": "pid"}
+    with pytest.raises(DatasetSpecError) as err:
+        check_dataset_spec(spec)
+    assert first_line(err).startswith("dataset.label_column: class names that differ only in case: "
+                                      "[['NORMAL', 'Normal', 'normal']] ('NORMAL' 1 row(s), first at row 2 (line 4)")
+    assert first_line(err).endswith("or merge them with label_map: {NORMAL: normal, Normal: normal} in this "
+                                    "data-set spec")
+    merged = {**spec, "label_map": {"Normal": "normal", "NORMAL": "normal"}}
+    assert check_dataset_spec(merged)["classes"] == ["normal", "osteo"]
+    df = load_spec(merged)
+    assert df["label"].value_counts().to_dict() == {"normal": 4, "osteo": 2}
+    with pytest.raises(DatasetSpecError, match=r"^dataset.label_map: class names that differ only in case: "
+                                               r"\[\['NORMAL', 'normal'\]\]"):
+        check_dataset_spec({**spec, "label_map": {"Normal": "normal"}})
+    # a label_map applied later (notebook 00's parameter) obeys the same rule
+    with pytest.raises(DatasetSpecError, match=r"^label_map: class names that differ only in case"):
+        apply_label_map(pd.DataFrame({"label": ["a", "B", "b"]}), {"a": "A"})
+
+
+def test_spec_label_map_drop_takes_the_images_boxes_and_masks_with_it(tmp_path):
+    table = _variant_table(tmp_path)
+    (tmp_path / "boxes.csv").write_text("image,x,y,width,height\nx4.png,1,1,3,3\nx0.png,1,1,4,4\n")
+    masks = tmp_path / "masks"
+    png8(masks / "x5_mask.png")
+    png8(masks / "x1_mask.png")
+    spec = {"kind": "csv", "table": str(table), "image_dir": str(tmp_path / "img"), "path_column": "file",
+            "label_column": "dx", "patient_column": "pid", "label_map": {"osteo": "drop", "Normal": "normal",
+                                                                         "NORMAL": "normal"},
+            "regions": {"boxes": str(tmp_path / "boxes.csv"), "masks": str(masks)}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about: the dropped class's regions go with it
+        df = load_spec(spec)
+    assert len(df) == 4 and set(df["label"]) == {"normal"}
+    assert df.attrs["excluded"] == {"label 'osteo' dropped by label_map": 2}
+    assert df.attrs["boxes_on_excluded_images"] == 1 and df.attrs["masks_of_excluded_images"] == 1
+    assert df.set_index("image_id").at["x0", "boxes"] == [{"x": 1.0, "y": 1.0, "w": 4.0, "h": 4.0}]
+
+
+def test_a_manifest_with_case_variant_labels_is_refused(tmp_path):
+    png8(tmp_path / "a.png")
+    png8(tmp_path / "b.png", 30)
+    pd.DataFrame({"image_id": ["a", "b"], "path": ["a.png", "b.png"], "label": ["Osteo", "osteo"],
+                  "patient_id": ["1", "2"]}).to_csv(tmp_path / "manifest.csv", index=False)
+    with pytest.raises(ManifestError, match=rf"^{tmp_path}/manifest.csv: column 'label': class names that differ "
+                                            r"only in case: \[\['Osteo', 'osteo'\]\]"):
+        read_manifest(tmp_path / "manifest.csv")
+
+
+# ------------------------------------------------------------------------------------------
+# 4. Nothing a folder or table holds is left out quietly; malformed cells and empty tables name file and row
+
+
+def test_loose_images_and_empty_class_folders_are_warned_and_listed(tmp_path):
+    png8(tmp_path / "normal" / "a.png")
+    png8(tmp_path / "osteo" / "b.png")
+    png8(tmp_path / "stray.png")
+    (tmp_path / "osteopenia").mkdir()
+    (tmp_path / "osteopenia" / "readme.txt").write_text("no images yet")
+    with pytest.warns(UserWarning) as record:
+        df = from_folder(tmp_path)
+    message = " ".join(str(w.message) for w in record)
+    assert "1 image(s) beside the class folders have no class and are left out: ['stray.png']" in message
+    assert "empty class folder(s) ['osteopenia'] (no image files, so no class)" in message
+    assert df.attrs["excluded_files"] == [str(tmp_path / "stray.png")]
+    assert df.attrs["empty_class_folders"] == ["osteopenia"]
+    assert df.attrs["excluded"] == {"not an image file (extension)": 1,
+                                    "image file(s) loose beside the class folders (no class)": 1}
+    assert sorted(df["label"]) == ["normal", "osteo"]
+
+
+@pytest.fixture
+def manifest_csv(tmp_path) -> Path:
+    for name in ("a", "b"):
+        png8(tmp_path / f"{name}.png", size=(40, 30))
+    df = pd.DataFrame({"image_id": ["a", "b"], "path": [str(tmp_path / "a.png"), str(tmp_path / "b.png")],
+                       "label": ["x", "y"], "patient_id": ["1", "2"],
+                       "boxes": [[{"x": 1, "y": 2, "w": 3, "h": 4}], None]})
+    return write_manifest(df, tmp_path / "manifest.csv")
+
+
+@pytest.mark.parametrize("cell, problem", [
+    ("[{'x': 1}]", "'boxes' is not valid JSON (Expecting property name enclosed in double quotes"),
+    ('{"x": 1, "y": 2, "w": 3, "h": 4}', "'boxes': boxes must be a list of boxes {x, y, w, h}; got {'x': 1"),
+    ("[1, 2]", "'boxes': a box must be a mapping with keys x, y, w, h (pixels of the stored file); got 1"),
+    ('[{"x": 1, "y": 2, "w": 3}]', "'boxes': a box needs keys x, y, w, h (pixels of the stored file)"),
+    ('[{"x": "1", "y": 2, "w": 3, "h": 4}]', "'boxes': box coordinate x='1' is not a finite number"),
+    ('[{"x": 1, "y": 2, "w": 0, "h": 4}]', "'boxes': box width and height must be positive"),
+])
+def test_malformed_boxes_cell_names_the_file_and_row(manifest_csv, cell, problem):
+    table = pd.read_csv(manifest_csv, dtype=str, keep_default_na=False)
+    table.loc[1, "boxes"] = cell
+    table.to_csv(manifest_csv, index=False)
+    with pytest.raises(ManifestError) as err:
+        read_manifest(manifest_csv)
+    assert first_line(err).startswith(f"{manifest_csv}: row 1 (line 3): {problem}")
+
+
+def test_malformed_width_cell_names_the_file_and_row(manifest_csv):
+    table = pd.read_csv(manifest_csv, dtype=str, keep_default_na=False)
+    table["width"] = ["40", "wide"]
+    table.to_csv(manifest_csv, index=False)
+    with pytest.raises(ManifestError) as err:
+        read_manifest(manifest_csv)
+    assert first_line(err) == (f"{manifest_csv}: row 1 (line 3): 'width' is 'wide', not a whole number of pixels. "
+                               "What to do: correct the cell, or empty it (add_image_sizes reads it from the file)")
+
+
+def test_empty_tables_name_the_file(tmp_path, manifest_csv):
+    empty = tmp_path / "empty.csv"
+    empty.write_bytes(b"")
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("image_id,path,label,patient_id\n")
+    png8(tmp_path / "img" / "x.png")
+    with pytest.raises(ManifestError) as err:
+        read_manifest(empty)
+    assert first_line(err) == (f"{empty}: the manifest is empty (0 bytes). What to do: the export or copy was "
+                               "probably interrupted; write it again (a header row, then one row per image)")
+    with pytest.raises(ManifestError, match=rf"^{header_only}: the manifest has a header \(\['image_id', 'path', "
+                                            r"'label', 'patient_id'\]\) but no rows"):
+        read_manifest(header_only)
+    with pytest.raises(ManifestError, match=rf"^{empty}: the label table is empty \(0 bytes\)"):
+        from_csv(empty, tmp_path / "img", "file", "dx")
+    spec = {"kind": "csv", "table": str(empty), "image_dir": str(tmp_path / "img")}
+    with pytest.raises(DatasetSpecError, match=rf"^dataset.table: {empty}: the label table is empty \(0 bytes\)"):
+        check_dataset_spec(spec)
+    (tmp_path / "labels.csv").write_text("path,label\nx.png,a\nx.png,b,extra\n")
+    with pytest.raises(ManifestError, match=rf"^{tmp_path}/labels.csv: the label table is not a well-formed CSV "
+                                            r"\(Error tokenizing data. C error: Expected 2 fields in line 3, saw 3"):
+        from_csv(tmp_path / "labels.csv", tmp_path / "img", "path", "label")
+    (tmp_path / "labels.csv").write_text("path,label\nx.png,a\n,b\n")
+    with pytest.raises(ManifestError, match=r"1 row\(s\) have an empty 'path' cell: \['row 1 \(line 3\)'\]"):
+        from_csv(tmp_path / "labels.csv", tmp_path / "img", "path", "label")
+    (tmp_path / "labels.csv").write_text("path,label\nx.png,a\n")
+    with pytest.raises(DatasetSpecError, match=rf"^dataset.regions.boxes: {empty}: the box table is empty"):
+        check_dataset_spec({**spec, "table": str(tmp_path / "labels.csv"), "regions": {"boxes": str(empty)}})
