@@ -7,8 +7,13 @@ convention), whatever the file was:
 * PNG / JPEG / TIFF / BMP ... (via Pillow): divided by the largest value the *stored type* can hold
   (255 for 8-bit, 65535 for 16-bit). There is deliberately no per-image contrast stretching, so
   that two files with the same stored values give the same pixels and a dark image stays dark.
+  Pillow would cut 16-bit-per-channel colour files (RGB, RGBA, gray + alpha PNG/TIFF) to 8 bits; those
+  are decoded again at full depth with OpenCV (``meta["bit_depth"]`` 16, ``meta["mode"]`` e.g. ``RGB;16``).
 * DICOM (via pydicom): the Modality LUT (rescale slope/intercept) first, then the VOI window from
-  the header when there is one, else the min/max of the data; MONOCHROME1 is inverted.
+  the header when there is one, else the min/max of the data; MONOCHROME1 is inverted. A header
+  declaring more than :data:`MAX_DICOM_PIXELS` pixels (Rows x Columns x frames; environment variable
+  ``OSTEOLIB_MAX_DICOM_PIXELS`` overrides it) is refused before any pixel data is read, as Pillow
+  refuses a decompression bomb.
 * RGB / RGBA / palette files that are really grayscale give exactly their gray channel; truly
   coloured files (screenshots with coloured annotations) are converted with luminance weights and
   flagged in ``meta["was_color"]`` / ``meta["color_warning"]``. Alpha never reaches the pixels.
@@ -45,6 +50,13 @@ _IMAGE_MAGICS = (b"\x89PNG", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"BM", b"G
 # annotation differs by far more.
 GRAY_TOLERANCE = 16 / 255
 LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, as Pillow's "L"
+
+# The DICOM counterpart of PIL.Image.MAX_IMAGE_PIXELS: a header declaring more pixels (Rows x Columns x
+# NumberOfFrames) is refused before its pixel data is read or decoded. 50 megapixels (100 MB at 16 bits) is
+# about twice the largest single-exposure radiograph (50 um mammography, ~28 Mpx). The environment variable
+# OSTEOLIB_MAX_DICOM_PIXELS, when set, overrides this constant (0 or "none": no limit).
+MAX_DICOM_PIXELS = 50_000_000
+MAX_DICOM_PIXELS_ENV = "OSTEOLIB_MAX_DICOM_PIXELS"
 
 _DEFAULT_HINT = "check the file (open it in a viewer), re-export it (e.g. as PNG), or remove it from the manifest"
 
@@ -159,6 +171,9 @@ def _read_with_pillow(path: str, fh) -> XrayImage:
     except Image.UnidentifiedImageError:
         raise XrayReadError(path, "not a recognised image format (neither an image Pillow can read nor DICOM)",
                             f"convert it to PNG or DICOM; readable formats are {', '.join(PIL_FORMATS)} and DICOM") from None
+    except Image.DecompressionBombError as exc:
+        raise XrayReadError(path, f"the image declares more pixels than Pillow's limit ({exc})",
+                            "if the file is genuine, raise PIL.Image.MAX_IMAGE_PIXELS before reading it") from None
     except Exception as exc:
         raise XrayReadError(path, f"the image header is corrupt ({type(exc).__name__}: {exc})") from exc
     with image:
@@ -166,6 +181,7 @@ def _read_with_pillow(path: str, fh) -> XrayImage:
             raise XrayReadError(path, f"{image.format} files are not an X-ray format osteolib reads",
                                 f"convert it to PNG; readable formats are {', '.join(PIL_FORMATS)} and DICOM")
         n_frames = getattr(image, "n_frames", 1)
+        rawmode = _rawmode(image)  # known only before load()
         try:
             # Pillow decodes lazily: only load() reads every byte, so a truncated or corrupt file
             # fails here instead of yielding a silently padded image later.
@@ -185,9 +201,48 @@ def _read_with_pillow(path: str, fh) -> XrayImage:
         if n_frames > 1:
             meta["n_frames"] = n_frames
             meta["frame_note"] = f"file holds {n_frames} frames/pages; only the first was read"
-        pixels, bit_depth = _pillow_pixels(image, meta)
+        if image.mode in ("RGB", "RGBA", "LA") and ";16" in rawmode:
+            fh.seek(0)
+            pixels, bit_depth = _colour16_pixels(path, fh.read(), image.size, rawmode, meta)
+        else:
+            pixels, bit_depth = _pillow_pixels(image, meta)
     meta["bit_depth"] = bit_depth
     return XrayImage(pixels=pixels, meta=meta)
+
+
+def _rawmode(image: Image.Image) -> str:
+    """How the file stores its pixels (``"RGB;16B"``), from Pillow's tile list; "" when unknown."""
+    try:
+        args = image.tile[0].args if hasattr(image.tile[0], "args") else image.tile[0][3]
+    except (IndexError, TypeError, AttributeError):
+        return ""
+    if isinstance(args, tuple):
+        args = args[0] if args else ""
+    return args if isinstance(args, str) else ""
+
+
+def _colour16_pixels(path: str, data: bytes, size: tuple[int, int], rawmode: str,
+                     meta: dict[str, Any]) -> tuple[np.ndarray, int]:
+    """16-bit-per-channel RGB / RGBA / gray+alpha at full depth (Pillow keeps only the high byte of these)."""
+    try:
+        import cv2  # opencv-python(-headless): a dependency of grad-cam; imported only for these files
+    except ImportError:
+        raise XrayReadError(path, f"16-bit colour image ({rawmode}) needs OpenCV to be read at full depth",
+                            "pip install opencv-python-headless, or re-export the image as 16-bit grayscale "
+                            "PNG") from None
+    array = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if array is None or array.shape[1::-1] != tuple(size) or array.dtype != np.uint16:
+        got = "nothing" if array is None else f"{array.shape} {array.dtype}"
+        raise XrayReadError(path, f"16-bit colour image ({rawmode}, {size[0]} x {size[1]}) cannot be decoded at full "
+                            f"depth (OpenCV gave {got})", "re-export the image as 16-bit grayscale PNG")
+    meta["mode"] = rawmode.split(";")[0] + ";16"
+    if array.ndim == 2:
+        return _scale(array, 65535.0), 16
+    rgb = array[..., 2::-1] if array.shape[2] >= 3 else np.repeat(array[..., :1], 3, axis=2)  # OpenCV: BGR(A)
+    gray = _gray_from_channels(rgb, 65535.0, meta)
+    if array.shape[2] in (2, 4):
+        gray = _drop_alpha(gray, array[..., -1], meta, 65535.0)
+    return gray, 16
 
 
 def _pillow_pixels(image: Image.Image, meta: dict[str, Any]) -> tuple[np.ndarray, int]:
@@ -258,15 +313,15 @@ def _gray_from_channels(rgb: np.ndarray, full_scale: float, meta: dict[str, Any]
     return np.clip(gray, 0.0, 1.0).astype(np.float32, copy=False)
 
 
-def _drop_alpha(gray: np.ndarray, alpha: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
+def _drop_alpha(gray: np.ndarray, alpha: np.ndarray, meta: dict[str, Any], full_scale: float = 255.0) -> np.ndarray:
     """Remove the alpha channel: opaque files lose nothing, others are composited on black."""
-    transparent = int((alpha < 255).sum())
+    transparent = int((alpha < full_scale).sum())
     if transparent == 0:
         meta["alpha"] = "alpha channel dropped (all pixels fully opaque)"
         return gray
     meta["alpha"] = (f"alpha channel dropped after compositing on black "
                      f"({transparent} of {alpha.size} pixels were not fully opaque)")
-    return gray * (alpha.astype(np.float32) / np.float32(255.0))
+    return gray * (alpha.astype(np.float32) / np.float32(full_scale))
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,8 +333,15 @@ def _read_dicom(path: str) -> XrayImage:
     from pydicom.pixels import apply_color_lut
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+    limit = max_dicom_pixels()  # a bad setting is the setting's error, not the file's
     try:
-        ds = pydicom.dcmread(path, force=True)  # force: also read files without the preamble
+        # The header alone first (force: also files without the preamble), so that a declared size over the
+        # limit stops before the pixel data is read into memory or decoded.
+        header = pydicom.dcmread(path, force=True, stop_before_pixels=True)
+        _check_dicom_size(path, header, limit)
+        ds = pydicom.dcmread(path, force=True)
+    except XrayReadError:
+        raise
     except Exception as exc:
         raise XrayReadError(path, f"not a readable DICOM file ({type(exc).__name__}: {exc})",
                             "check that it really is DICOM; re-export it from the PACS/viewer") from exc
@@ -301,8 +363,15 @@ def _read_dicom(path: str) -> XrayImage:
         meta["transfer_syntax_note"] = f"no Transfer Syntax UID in the file; assumed {ds.file_meta.TransferSyntaxUID.name}"
     transfer_syntax = ds.file_meta.TransferSyntaxUID
 
+    n_frames = max(_int_or(ds.get("NumberOfFrames"), 1), 1)
     try:
-        data = ds.pixel_array
+        if n_frames > 1 and hasattr(ds, "pixel_array_options"):  # pydicom >= 3: decode the first frame only
+            ds.pixel_array_options(index=0)
+            data = ds.pixel_array
+            data = data[0] if data.ndim > 2 + (int(ds.get("SamplesPerPixel", 1) or 1) > 1) else data
+        else:
+            data = ds.pixel_array
+            data = data[0] if n_frames > 1 else data
     except Exception as exc:
         if transfer_syntax.is_compressed:
             hint = (f"its transfer syntax ({transfer_syntax.name}) needs a decoder plugin: install pylibjpeg "
@@ -311,9 +380,7 @@ def _read_dicom(path: str) -> XrayImage:
             hint = "the file is probably truncated or its image header (group 0028) is inconsistent; re-export it"
         raise XrayReadError(path, f"DICOM pixel data cannot be decoded ({type(exc).__name__}: {exc})", hint) from exc
 
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     if n_frames > 1:
-        data = data[0]
         meta["n_frames"] = n_frames
         meta["frame_note"] = f"file holds {n_frames} frames; only the first was read"
 
@@ -340,6 +407,53 @@ def _read_dicom(path: str) -> XrayImage:
     meta["height"], meta["width"] = int(pixels.shape[0]), int(pixels.shape[1])
     meta.update(_dicom_header_fields(ds))
     return XrayImage(pixels=np.ascontiguousarray(pixels, dtype=np.float32), meta=meta)
+
+
+def max_dicom_pixels() -> int | None:
+    """The DICOM pixel limit in force: ``$OSTEOLIB_MAX_DICOM_PIXELS`` when set, else :data:`MAX_DICOM_PIXELS`.
+
+    0 or "none" means no limit (None).
+    """
+    text = os.environ.get(MAX_DICOM_PIXELS_ENV, "").strip().replace("_", "")
+    if not text:
+        return MAX_DICOM_PIXELS or None
+    if text.lower() == "none":
+        return None
+    try:
+        limit = int(float(text))
+    except ValueError:
+        raise ValueError(f"{MAX_DICOM_PIXELS_ENV}={os.environ[MAX_DICOM_PIXELS_ENV]!r} is not a number of pixels; "
+                         f"set it to e.g. 200000000, or to none for no limit") from None
+    return limit if limit > 0 else None
+
+
+def _check_dicom_size(path: str, header, limit: int | None) -> None:
+    """Refuse a header declaring more than ``limit`` pixels, naming the file and the way out."""
+    rows, columns = _int_or(header.get("Rows"), 0), _int_or(header.get("Columns"), 0)
+    if not (rows and columns):
+        return  # no image header: the pixel data check that follows says what is wrong
+    frames = max(_int_or(header.get("NumberOfFrames"), 1), 1)
+    total = rows * columns * frames
+    if limit is not None and total > limit:
+        frames_text = f" x {frames} frames" if frames > 1 else ""
+        raise XrayReadError(
+            path, f"DICOM header declares {columns} x {rows} pixels{frames_text} = {total:,} pixels, more than the "
+            f"limit of {limit:,} (a guard against corrupt or hostile headers; nothing was decoded)",
+            f"if the image is genuine, raise the limit: set the environment variable {MAX_DICOM_PIXELS_ENV} (e.g. "
+            f"{MAX_DICOM_PIXELS_ENV}={_round_up(total)}; none = no limit) or osteolib.data.io.MAX_DICOM_PIXELS "
+            f"before reading; otherwise re-export the file")
+
+
+def _int_or(value, default: int) -> int:
+    try:
+        return int(value) if value not in (None, "") else default
+    except (TypeError, ValueError):
+        return default
+
+
+def _round_up(number: int) -> int:
+    step = 10 ** max(len(str(number)) - 2, 0)
+    return -(-number // step) * step
 
 
 def _dicom_gray(data: np.ndarray, ds, meta: dict[str, Any]) -> np.ndarray:

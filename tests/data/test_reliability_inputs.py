@@ -164,6 +164,127 @@ def test_a_manifest_with_case_variant_labels_is_refused(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------
+# 2. 16-bit colour files at full depth
+
+
+def write_png16(path: Path, array: np.ndarray) -> Path:
+    """A 16-bit PNG written byte by byte: gray + alpha (2 channels) is a colour type OpenCV cannot write."""
+    height, width = array.shape[:2]
+    channels = 1 if array.ndim == 2 else array.shape[2]
+    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+    raw = b"".join(b"\x00" + array[r].astype(">u2").tobytes() for r in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, colour_type,
+                                                                         0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    return path
+
+
+# 64 gray levels below 190/65535 that Pillow's 8-bit reading turned into one, plus the top of the range.
+LEVELS = np.concatenate([np.arange(0, 190, 3), [30000, 65535]]).astype(np.uint16)
+GRAY16 = np.tile(LEVELS, (3, 1))
+
+
+@pytest.mark.parametrize("kind", ["rgb_png", "rgba_png", "gray_alpha_png", "rgb_tiff"])
+def test_16bit_colour_files_that_are_gray_read_at_full_depth(tmp_path, kind):
+    rgb = np.stack([GRAY16] * 3, axis=-1)
+    opaque = np.full_like(GRAY16, 65535)
+    if kind == "rgb_png":
+        path = tmp_path / "x.png"
+        cv2.imwrite(str(path), rgb)
+    elif kind == "rgba_png":
+        path = tmp_path / "x.png"
+        cv2.imwrite(str(path), np.dstack([rgb, opaque]))
+    elif kind == "gray_alpha_png":
+        path = write_png16(tmp_path / "x.png", np.stack([GRAY16, opaque], axis=-1))
+    else:
+        path = tmp_path / "x.tif"
+        cv2.imwrite(str(path), rgb)
+    xray = read_xray(path)
+    assert xray.meta["bit_depth"] == 16 and xray.meta["was_color"] is False
+    assert len(np.unique(xray.pixels)) == len(LEVELS)  # Pillow alone gave 3 levels here
+    np.testing.assert_array_equal(np.round(xray.pixels * 65535).astype(np.uint16), GRAY16)
+    assert scan_files([path])["bit_depth"].tolist() == [16]
+
+
+def test_16bit_colour_and_alpha_at_full_depth(tmp_path):
+    rgb = np.stack([GRAY16, GRAY16, GRAY16 // 2], axis=-1)  # blue at half: a truly coloured file
+    cv2.imwrite(str(tmp_path / "c.png"), rgb[..., ::-1])  # OpenCV writes BGR
+    xray = read_xray(tmp_path / "c.png")
+    assert xray.meta["bit_depth"] == 16 and xray.meta["mode"] == "RGB;16" and xray.meta["was_color"] is True
+    expected = (rgb.astype(np.float32) @ io.LUMA_WEIGHTS) / 65535
+    np.testing.assert_allclose(xray.pixels, expected, atol=1e-6)
+    half = np.full_like(GRAY16, 32768)
+    write_png16(tmp_path / "la.png", np.stack([GRAY16, half], axis=-1))
+    composited = read_xray(tmp_path / "la.png")
+    assert composited.meta["mode"] == "LA;16" and "compositing on black" in composited.meta["alpha"]
+    np.testing.assert_allclose(composited.pixels, GRAY16 / 65535 * (32768 / 65535), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# 3. A DICOM header declaring a huge image stops before any decoding
+
+
+def crafted_dicom(path: Path, rows: int, columns: int, frames: int = 1, pixel_bytes: bytes = b"\x00" * 16) -> Path:
+    """A tiny file whose header declares rows x columns (x frames) 16-bit pixels."""
+    write_dicom(np.zeros((2, 2), dtype=np.uint8), path, patient_id="P1", view="AP")
+    from pydicom import dcmread
+
+    ds = dcmread(path)
+    ds.Rows, ds.Columns = rows, columns
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    ds.PixelData = pixel_bytes
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_dicom_declaring_8000_x_8000_stops_before_any_large_allocation(tmp_path, monkeypatch):
+    monkeypatch.delenv(io.MAX_DICOM_PIXELS_ENV, raising=False)
+    path = crafted_dicom(tmp_path / "bomb.dcm", 8000, 8000)
+    assert path.stat().st_size < 2000
+    tracemalloc.start()
+    try:
+        with pytest.raises(XrayReadError) as err:
+            read_xray(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20  # decoding would have needed 128 MB
+    assert first_line(err) == (
+        f"{path}: DICOM header declares 8000 x 8000 pixels = 64,000,000 pixels, more than the limit of 50,000,000 "
+        "(a guard against corrupt or hostile headers; nothing was decoded). What to do: if the image is genuine, "
+        "raise the limit: set the environment variable OSTEOLIB_MAX_DICOM_PIXELS (e.g. "
+        "OSTEOLIB_MAX_DICOM_PIXELS=64000000; none = no limit) or osteolib.data.io.MAX_DICOM_PIXELS before reading; "
+        "otherwise re-export the file.")
+    assert scan_files([path])["reason"].str.startswith("DICOM header declares 8000 x 8000").all()
+
+
+def test_dicom_limit_counts_frames_and_is_set_by_constant_or_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv(io.MAX_DICOM_PIXELS_ENV, raising=False)
+    frames = np.stack([np.full((3, 4), 100 * (k + 1), dtype=np.uint16) for k in range(2)])
+    path = crafted_dicom(tmp_path / "two.dcm", 3, 4, frames=2, pixel_bytes=frames.astype("<u2").tobytes())
+    xray = read_xray(path)  # the first frame only, the count noted
+    assert xray.meta["n_frames"] == 2 and xray.pixels.shape == (3, 4)
+    monkeypatch.setattr(io, "MAX_DICOM_PIXELS", 20)
+    with pytest.raises(XrayReadError, match=r"declares 4 x 3 pixels x 2 frames = 24 pixels, more than the limit "
+                                            r"of 20"):
+        read_xray(path)
+    monkeypatch.setenv(io.MAX_DICOM_PIXELS_ENV, "none")
+    assert read_xray(path).pixels.shape == (3, 4)
+    monkeypatch.setenv(io.MAX_DICOM_PIXELS_ENV, "23")
+    with pytest.raises(XrayReadError, match="more than the limit of 23"):
+        read_xray(path)
+    monkeypatch.setenv(io.MAX_DICOM_PIXELS_ENV, "lots")
+    with pytest.raises(ValueError, match="^OSTEOLIB_MAX_DICOM_PIXELS='lots' is not a number of pixels") as err:
+        read_xray(path)
+    assert not isinstance(err.value, XrayReadError)  # the setting is wrong, not the file
+
+
+# ------------------------------------------------------------------------------------------
 # 4. Nothing a folder or table holds is left out quietly; malformed cells and empty tables name file and row
 
 
