@@ -20,7 +20,9 @@ at the end: model, optimizer, scaler, epoch, RNG states of python/numpy/torch/CU
 history, best-so-far), ``final.pt`` (final weights and metadata), ``best.pt`` (the weights of the
 best epoch by ``monitor``), ``history.csv`` / ``history.json``. ``fit(..., resume=True)`` continues
 from ``checkpoint_last.pt`` and reaches bit-identical weights to an uninterrupted run (CPU, same
-config and machine). An out_dir holding a finished or partial run is never overwritten silently.
+config and machine), ``best.pt`` included (put back to the checkpoint's best when a killed run had moved it on:
+:func:`~osteolib.engine.state.restore_best`). An out_dir holding a finished or partial run is never overwritten
+silently: a partial run without a checkpoint is refused with or without ``resume``.
 
 Distributed data parallel: a process started by ``torchrun`` (``WORLD_SIZE`` > 1) trains distributed
 through the same ``fit`` (:mod:`osteolib.engine.distributed`: DDP, sharded training data, SyncBatchNorm on
@@ -65,6 +67,7 @@ from osteolib.engine.state import (
     RunState,
     check_out_dir,
     check_resumable,
+    restore_best,
     seed_run,
 )
 
@@ -210,6 +213,8 @@ def _prepare_out_dir(out_dir: str | os.PathLike, resume: bool, config: TrainConf
     checkpoint = check_out_dir(out_dir, resume)
     if checkpoint is not None:
         check_resumable(checkpoint, config, stage, out_dir, settings)
+        if ctx is None or ctx.is_main:  # the writing process puts back the checkpoint's best.pt
+            restore_best(out_dir, checkpoint)
     return out_dir, checkpoint
 
 

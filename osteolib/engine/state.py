@@ -4,7 +4,13 @@ RNG states, and the checks that let a run resume (or refuse to overwrite) an ``o
 ``checkpoint_last.pt`` (every ``checkpoint_every`` epochs and at the end): model, optimizer, scaler, epoch, RNG
 states of python/numpy/torch/CUDA and the loader generators, history, best-so-far. ``final.pt`` (final weights and
 metadata), ``best.pt`` (the weights of the best epoch by ``monitor``), ``history.csv`` / ``history.json``; all
-written atomically.
+written atomically. ``best_at_checkpoint.pt``: ``best.pt`` as it was when ``checkpoint_last.pt`` was written (a
+hard link), so a resume can put back the best weights of the checkpoint's epochs when a killed run had improved
+``best.pt`` after its last checkpoint; removed when the run finishes.
+
+An ``out_dir`` is never trained over silently: a finished or checkpointed run needs ``resume=True``, and a partial
+run without a checkpoint (stopped before its first ``checkpoint_every`` epochs, leaving ``best.pt`` / history) is
+refused either way, since it can only be restarted over its files.
 """
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import json
 import math
 import os
 import random
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -44,6 +51,7 @@ __all__ = [
     "load_weights",
     "check_out_dir",
     "check_resumable",
+    "restore_best",
     "RunState",
 ]
 
@@ -52,6 +60,7 @@ FINAL = "final.pt"
 BEST = "best.pt"
 HISTORY_CSV = "history.csv"
 HISTORY_JSON = "history.json"
+BEST_AT_CHECKPOINT = "best_at_checkpoint.pt"
 # the on-disk format name, written by every checkpoint since the engine was osteolib.train: kept so earlier
 # runs' checkpoints load and resume
 CHECKPOINT_FORMAT = "osteolib.train/1"
@@ -145,21 +154,88 @@ def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True)
 
 
 def check_out_dir(out_dir: Path, resume: bool) -> dict | None:
-    """The checkpoint to resume from (or None), after refusing to overwrite an existing run."""
+    """The checkpoint to resume from (or None), after refusing to overwrite an existing run, finished or partial."""
     final, last = out_dir / FINAL, out_dir / CHECKPOINT_LAST
+    leftovers = _partial_files(out_dir)
     if not resume:
         for existing in (final, last):
             if existing.exists():
                 raise FileExistsError(
                     f"{existing} already exists: {out_dir} holds a {'finished' if existing == final else 'partial'} "
                     f"run. Choose a new out_dir, or pass resume=True to continue (or reload) that run.")
+        if leftovers:
+            raise FileExistsError(
+                f"{out_dir} holds a partial run ({leftovers}) without {CHECKPOINT_LAST}: it stopped before its first "
+                f"checkpoint and cannot be resumed, and training here would overwrite it. Choose a new out_dir, or "
+                f"remove those files to train from the start.")
         return None
     if last.exists():
         return load_checkpoint(last)
     if final.exists():
         raise FileExistsError(f"{final} exists but {last} does not, so the run cannot be resumed; "
                               f"choose a new out_dir")
+    if leftovers:
+        raise FileExistsError(
+            f"cannot resume {out_dir}: it holds a partial run ({leftovers}) but no {CHECKPOINT_LAST} (it stopped "
+            f"before its first checkpoint; checkpoints come every checkpoint_every epochs), so resume=True would "
+            f"restart it from scratch over its best.pt. Remove those files to train from the start, or choose a new "
+            f"out_dir.")
     return None
+
+
+def _partial_files(out_dir: Path) -> str:
+    """What a run that wrote no checkpoint yet leaves: best.pt, its copy, the history files ('' when none)."""
+    names = [name for name in (BEST, BEST_AT_CHECKPOINT, HISTORY_JSON, HISTORY_CSV) if (out_dir / name).exists()]
+    if not names:
+        return ""
+    epochs = ""
+    try:
+        epochs = f", history of {len(json.loads((out_dir / HISTORY_JSON).read_text()))} epoch(s)"
+    except (OSError, ValueError, TypeError):
+        pass
+    return ", ".join(names) + epochs
+
+
+def restore_best(out_dir: Path, checkpoint: dict) -> None:
+    """Make ``best.pt`` the best of the epochs ``checkpoint`` holds before a resume continues from it.
+
+    A run killed after ``best.pt`` improved but before its next checkpoint (``checkpoint_every`` > 1, or a kill
+    between the two writes) has ``best.pt`` from an epoch the resume will train again; the checkpoint's own best
+    is put back from ``best_at_checkpoint.pt`` (or ``best.pt`` is removed when the checkpoint had no best yet).
+    """
+    wanted = (checkpoint.get("best") or {}).get("epoch")
+    best, copy = out_dir / BEST, out_dir / BEST_AT_CHECKPOINT
+    if _best_epoch(best) == wanted:
+        return
+    if wanted is None:
+        best.unlink(missing_ok=True)
+        return
+    if _best_epoch(copy) != wanted:
+        raise ValueError(f"cannot resume {out_dir}: {BEST} holds the best of epoch {_best_epoch(best)!r}, written after "
+                         f"the checkpoint, whose best was epoch {wanted}, and {BEST_AT_CHECKPOINT} does not hold that "
+                         f"epoch's weights; continuing would leave the wrong best.pt. Start the run in a new out_dir.")
+    _link_or_copy(copy, best)
+
+
+def _best_epoch(path: Path) -> Any:
+    """The best epoch a best.pt-like file holds (None: no such file)."""
+    if not path.exists():
+        return None
+    try:
+        return (load_checkpoint(path).get("best") or {}).get("epoch")
+    except ValueError:
+        return "unreadable"
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """``target`` becomes ``source``'s content atomically (a hard link where the file system allows, else a copy)."""
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copy2(source, tmp)
+    os.replace(tmp, target)
 
 
 def check_resumable(checkpoint: dict, config: TrainConfig, stage: str, out_dir: Path,
@@ -238,11 +314,18 @@ class RunState:
                       scaler=self.scaler.state_dict() if self.scaler is not None else None,
                       rng=rng_state(self.learn.dls.loaders))
         atomic_save(record, self.out_dir / CHECKPOINT_LAST)
+        # best.pt as this checkpoint knows it: a resume from here puts it back if best.pt moves on before the next
+        if (self.out_dir / BEST).exists():
+            _link_or_copy(self.out_dir / BEST, self.out_dir / BEST_AT_CHECKPOINT)
+        else:
+            (self.out_dir / BEST_AT_CHECKPOINT).unlink(missing_ok=True)
 
     def save_final(self) -> Path:
         if not self.writes:
             return self.out_dir / FINAL
         atomic_save(self._weights_record(self.config.epochs), self.out_dir / FINAL)
+        # finished: the last checkpoint and best.pt agree, the copy kept for a resume is not needed any more
+        (self.out_dir / BEST_AT_CHECKPOINT).unlink(missing_ok=True)
         return self.out_dir / FINAL
 
     def write_history(self) -> None:
