@@ -148,3 +148,18 @@ def test_mcnemar_on_correctness_with_three_classes():
     assert delong["value"] == pytest.approx(roc_auc_score(other["label"] == "osteoporosis", other["prob_osteoporosis"]))
     per_run = stats.auc_table(both, positive="osteoporosis")
     assert per_run["threshold"].isna().all() and (per_run["positive"] == "osteoporosis").all()
+
+
+def test_a_class_with_one_test_image_keeps_its_auc_without_an_interval():
+    table, probs = _three_classes(n=30)
+    rare = table["label"] == "osteopenia"
+    keep = ~rare | (rare.cumsum() == 1)  # one osteopenia image left
+    table, probs = table[keep].reset_index(drop=True), probs[keep.to_numpy()]
+    result = stats.class_auc_table(table, n_boot=300).set_index("class")
+    target = table["target"].to_numpy()
+    assert result.loc["osteopenia", "auc"] == pytest.approx(roc_auc_score(target == 1, probs[:, 1]))
+    assert np.isnan(result.loc["osteopenia", ["auc_ci_low", "auc_ci_high"]].astype(float)).all()
+    assert result.loc["osteopenia", "ci_method"].startswith("none: 1 image(s) of the class")
+    assert result.loc["normal", "ci_method"] == "DeLong" and result.loc["macro", "ci_method"] == "bootstrap"
+    assert np.isfinite(result.loc["macro", ["auc_ci_low", "auc_ci_high"]].astype(float)).all()
+

@@ -4,9 +4,14 @@ Per class, the one-vs-rest AUC gets a DeLong CI when every patient has one image
 the binary tables use) and a patient cluster bootstrap CI otherwise. The macro AUC (the plain mean of the per-class
 AUCs, as scikit-learn's ``multi_class="ovr"``) has no DeLong formula: its interval is always a percentile
 bootstrap, over patients when a ``patient_id`` column is given (each image its own patient otherwise).
+
+A class with fewer than two test images (or a rest with fewer than two), or too few patients for the bootstrap,
+keeps its AUC without an interval (NaN bounds, ``ci_method`` says why): a rare class in a small test split should
+not stop the notebook after the training.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import numpy as np
@@ -31,12 +36,24 @@ def _macro_auc(targets: np.ndarray, probs: np.ndarray) -> float:
     return float(np.mean([rank_auc(targets == k, probs[:, k]) for k in present]))
 
 
+def _no_interval(estimate: float, why: str) -> dict[str, Any]:
+    return {"auc": estimate, "auc_ci_low": math.nan, "auc_ci_high": math.nan, "ci_method": f"none: {why}"}
+
+
 def _one_class(y: np.ndarray, score: np.ndarray, patients: np.ndarray, alpha: float, n_boot: int,
                seed: int) -> dict[str, Any]:
+    n_class, n_rest = int(y.sum()), int(y.size - y.sum())
+    if n_class < 2 or n_rest < 2:
+        # a rare class in a small test split: the AUC (if defined) without an interval, rather than no table
+        return _no_interval(rank_auc(y, score), f"{n_class} image(s) of the class and {n_rest} of the rest; an "
+                                                "interval needs at least 2 of each")
     if one_per_cluster(patients):
         result = delong_auc(y, score, alpha=alpha)
         return {"auc": result.auc, "auc_ci_low": result.ci_low, "auc_ci_high": result.ci_high, "ci_method": "DeLong"}
-    result = cluster_bootstrap_ci(rank_auc, patients, y, score, n_boot=n_boot, seed=seed, alpha=alpha)
+    try:
+        result = cluster_bootstrap_ci(rank_auc, patients, y, score, n_boot=n_boot, seed=seed, alpha=alpha)
+    except ValueError as err:  # too few patients of the class for the resamples to define the AUC
+        return _no_interval(rank_auc(y, score), str(err))
     return {"auc": result.estimate, "auc_ci_low": result.ci_low, "auc_ci_high": result.ci_high,
             "ci_method": "patient cluster bootstrap"}
 
@@ -65,13 +82,16 @@ def class_auc_table(predictions_df: pd.DataFrame, split: str | None = "test", al
                    "sensitivity": float(np.mean(predicted[y == 1] == k)) if y.any() else float("nan")}
             rows.append({**row, **_one_class(y, probs[:, k], patients, alpha, n_boot, seed)})
         # the statistic gets row positions, so that a resample takes whole probability rows
-        macro = cluster_bootstrap_ci(lambda t, i: _macro_auc(t, probs[i]), patients, targets,
-                                     np.arange(targets.size), n_boot=n_boot, seed=seed, alpha=alpha)
+        try:
+            macro = cluster_bootstrap_ci(lambda t, i: _macro_auc(t, probs[i]), patients, targets,
+                                         np.arange(targets.size), n_boot=n_boot, seed=seed, alpha=alpha)
+            interval = {"auc": macro.estimate, "auc_ci_low": macro.ci_low, "auc_ci_high": macro.ci_high,
+                        "ci_method": "patient cluster bootstrap" if not one_per_cluster(patients) else "bootstrap"}
+        except ValueError as err:  # one class only, or too few patients for the resamples
+            interval = _no_interval(_macro_auc(targets, probs), str(err))
         rows.append({**ident, "class": MACRO, "n": int(targets.size), "n_class": int(targets.size),
                      "n_patients": int(np.unique(patients).size),
-                     "sensitivity": float(np.mean([r["sensitivity"] for r in rows[-len(classes):]])),
-                     "auc": macro.estimate, "auc_ci_low": macro.ci_low, "auc_ci_high": macro.ci_high,
-                     "ci_method": "patient cluster bootstrap" if not one_per_cluster(patients) else "bootstrap"})
+                     "sensitivity": float(np.mean([r["sensitivity"] for r in rows[-len(classes):]])), **interval})
     return pd.DataFrame(rows)
 
 
