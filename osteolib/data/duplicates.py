@@ -7,24 +7,32 @@ degrees. Two radiographs of different patients may look alike as a whole (one an
 fine structure (trabeculae, film grain, noise) differs point by point. :func:`find_copies` therefore asks
 whether many small local patterns of one image reappear in the other *in one rigid arrangement*:
 
-1. **Keypoints.** Each image, its longer side resized to :data:`DETECT_SIZE` and its grey levels stretched
-   between the 0.5th and 99.5th percentiles, gets SIFT keypoints and descriptors (OpenCV), once as it is and
-   once mirrored left-right. SIFT descriptors are normalised gradient histograms: brightness, contrast and
-   gamma changes and JPEG recompression barely move them, and each keypoint carries its own orientation, so
-   rotations do not either. A mirror is the one change SIFT does not absorb, hence the second, mirrored set
-   (an up-down flip is a left-right mirror plus a half turn).
-2. **Shortlist.** One approximate nearest-neighbour index (FLANN k-d trees) over every image's descriptors;
-   each image's descriptors (as is and mirrored) vote for the images their nearest neighbours belong to, and
-   the ``neighbours`` images with most votes become candidates.
-3. **Verification.** Each candidate pair is matched properly (Lowe's ratio test between the two images only)
-   and a similarity transform (rotation, uniform scale, shift; a mirror when the mirrored set matched) is
-   fitted by RANSAC. The score is the number of matches it explains within :data:`REPROJECTION_PX`.
-   Copies keep dozens; look-alike radiographs of different patients a handful at most, because their
-   fine structure does not line up. Pairs with at least ``min_matches`` are reported.
+1. **Keypoints.** Each image, its longer side reduced to :data:`DETECT_SIZE` (never enlarged) and its grey
+   levels stretched between the 0.5th and 99.5th percentiles, gets SIFT keypoints and descriptors (OpenCV),
+   once as it is and once mirrored left-right. SIFT descriptors are normalised gradient histograms: brightness,
+   contrast and gamma changes and JPEG recompression barely move them, and each keypoint carries its own
+   orientation, so rotations do not either. A mirror is the one change SIFT does not absorb, hence the second,
+   mirrored set (an up-down flip is a left-right mirror plus a half turn).
+2. **Matches that stand out from the crowd** (:func:`distinctive_matches`): one approximate nearest-neighbour
+   index (FLANN) over every image's descriptors; a descriptor matches its nearest one in image b only when that is
+   clearly nearer than its nearest one in the :data:`CROWD`-th nearest other image, so patterns every radiograph
+   of one anatomy shares do not count.
+3. **One rigid arrangement** (:func:`fit_similarity`): a similarity transform (rotation, scale, shift; a mirror
+   when the mirrored set matched) fitted by RANSAC; ``matches`` is how many distinct keypoints it explains.
+   Copies keep dozens; look-alikes a handful.
+4. **The fine detail** (:func:`texture_agreement`): image b laid onto a by that transform (refitted as an affine
+   map, since a crop resized back stretches one axis more), the correlation of the finest detail (film grain,
+   trabeculae) in every 16 px square both cover; ``texture`` is its lower quartile. Look-alikes in one pose line
+   up along their bone edges in a few squares; only a copy agrees in most of them.
 
-Measured on synthetic shoulders (bench/near_duplicates.py; results in bench/results/near_duplicates.json):
-see the module's benchmark for recall and false pairs. Randomness (FLANN's trees, RANSAC's samples) is seeded,
-so one manifest always gives the same pairs.
+A pair is reported when ``matches >= min_matches`` and ``texture >= min_texture``. Measured (bench/, CPU
+"Intel(R) Xeon(R) Processor", 2 cores): on 150 synthetic shoulders with 3 augmented copies each (flips,
+rotations to 15 deg, shifts and crops to 10 %, brightness/contrast/gamma, JPEG 60-95) at 256 px, pair recall
+99.6 %, every copy tied to its original, no false pair among 178,800 distinct-source comparisons; at 128 px,
+pair recall 93.6 %, copies tied 99.1 %, 1 false pair (2 of 600 images); on 600 real NIH radiographs of 456
+patients no pair between two patients (at most 6 matches, texture at most 0.11). Below about 128 px the fine
+detail is gone and copies are missed rather than invented (the smoke profile's 64 px look-alikes reach 9 matches,
+under the threshold). FLANN's trees and RANSAC are seeded: one manifest always gives the same pairs.
 
 The detector does not need the split: run it before :func:`osteolib.data.splits.patient_split` so that copies
 can be grouped into one patient (see :func:`osteolib.data.splits.group_copies`).
