@@ -371,3 +371,83 @@ def test_empty_tables_name_the_file(tmp_path, manifest_csv):
     (tmp_path / "labels.csv").write_text("path,label\nx.png,a\n")
     with pytest.raises(DatasetSpecError, match=rf"^dataset.regions.boxes: {empty}: the box table is empty"):
         check_dataset_spec({**spec, "table": str(tmp_path / "labels.csv"), "regions": {"boxes": str(empty)}})
+
+
+# ------------------------------------------------------------------------------------------
+# 5. The cache keys on content: a file replaced by another of the same size and mtime is noticed
+
+
+def test_cache_notices_a_file_replaced_with_the_same_size_and_mtime(tmp_path):
+    paths = [png8(tmp_path / f"{n}.png", value=40 * n + 20, size=(16, 16)) for n in range(3)]
+    df = pd.DataFrame({"image_id": ["a", "b", "c"], "path": [str(p) for p in paths]})
+    root = tmp_path / "cache"
+    first = ImageCache.build(df, 16, root=root, progress=False)
+    before = os.stat(paths[1])
+    replacement = tmp_path / "other.png"
+    png8(replacement, value=200, size=(16, 16))
+    assert replacement.stat().st_size == before.st_size  # same size ...
+    os.replace(replacement, paths[1])
+    os.utime(paths[1], ns=(before.st_atime_ns, before.st_mtime_ns))  # ... and the same mtime
+    assert (os.stat(paths[1]).st_size, os.stat(paths[1]).st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    second = ImageCache.build(df, 16, root=root, progress=False)
+    assert second.key != first.key and second.path != first.path
+    assert second.images[1][8, 8] == 200 and first.images[1][8, 8] == 60  # the new bytes; the old cache intact
+    # rewritten in place (same inode), same size and mtime: noticed as well
+    png8(paths[1], value=61, size=(16, 16))
+    os.utime(paths[1], ns=(before.st_atime_ns, before.st_mtime_ns))
+    third = ImageCache.build(df, 16, root=root, progress=False)
+    assert third.key not in (first.key, second.key) and third.images[1][8, 8] == 61
+    png8(paths[1], value=60, size=(16, 16))  # the original bytes again: the original cache
+    assert ImageCache.build(df, 16, root=root, progress=False).path == first.path
+
+
+def test_content_hashes_are_remembered_only_while_the_file_is_unchanged(tmp_path, monkeypatch):
+    from osteolib.data import cache
+
+    path = png8(tmp_path / "x.png")
+    reads: list[str] = []
+    real_open = open
+
+    def counting_open(file, *args, **kwargs):
+        reads.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(cache, "RACY_SECONDS", 0.0)  # the file was written just now
+    monkeypatch.setitem(cache.__dict__, "open", counting_open)
+    cache.forget_content_hashes()
+    time.sleep(0.05)
+    digest = cache.content_hash(path)
+    assert cache.content_hash(path) == digest and len(reads) == (1 if os.name == "posix" else 2)
+    png8(path, value=101)  # same size, new bytes
+    assert cache.content_hash(path) != digest and len(reads) == (2 if os.name == "posix" else 3)
+    monkeypatch.setattr(cache, "RACY_SECONDS", 3600.0)  # changed within the hour: never trusted
+    cache.forget_content_hashes()
+    cache.content_hash(path), cache.content_hash(path)
+    assert len(reads) == (4 if os.name == "posix" else 5)
+
+
+def test_the_next_process_takes_the_hashes_from_the_cache_folder_and_still_notices_a_replacement(tmp_path,
+                                                                                                 monkeypatch):
+    from osteolib.data import cache
+
+    paths = [png8(tmp_path / f"{n}.png", value=40 * n + 20) for n in range(3)]
+    df = pd.DataFrame({"image_id": ["a", "b", "c"], "path": [str(p) for p in paths]})
+    root = tmp_path / "cache"
+    monkeypatch.setattr(cache, "RACY_SECONDS", 0.0)  # instead of waiting two seconds after writing the files
+    time.sleep(0.05)
+    cache.forget_content_hashes()
+    first = ImageCache.build(df, 16, root=root, progress=False)
+    memo = root / cache.HASH_MEMO_NAME
+    assert memo.is_file() == (os.name == "posix")
+    reads: list[str] = []
+    real_open = open
+    monkeypatch.setitem(cache.__dict__, "open", lambda f, *a, **k: reads.append(str(f)) or real_open(f, *a, **k))
+    cache.forget_content_hashes()  # as in a new process
+    assert cache.cache_key(df, CacheSettings(16), hash_memo=memo) == first.key
+    assert reads == ([] if os.name == "posix" else [str(p) for p in paths])
+    before = os.stat(paths[2])
+    png8(paths[2], value=101)  # same size, new bytes, mtime set back
+    os.utime(paths[2], ns=(before.st_atime_ns, before.st_mtime_ns))
+    cache.forget_content_hashes()
+    assert cache.cache_key(df, CacheSettings(16), hash_memo=memo) != first.key
+    assert str(paths[2]) in reads
