@@ -14,6 +14,9 @@ from osteolib.data.io import (
     SCAN_COLUMNS,
     scan_files,
     check_readable,
+    MAX_DICOM_PIXELS,
+    MAX_DICOM_PIXELS_ENV,
+    max_dicom_pixels,
 )
 from osteolib.data import manifest
 from osteolib.data.manifest import (
@@ -38,6 +41,10 @@ from osteolib.data.manifest import (
     existing_dir,
     patient_from_name,
     from_image_folder,
+    LabelError,
+    normalise_labels,
+    label_mapping,
+    read_table,
 )
 from osteolib.data import splits
 from osteolib.data.splits import (
@@ -142,6 +149,9 @@ from osteolib.data.cache import (
     rasterise_boxes,
     ImageCache,
     cache_key,
+    content_hash,
+    forget_content_hashes,
+    HASH_MEMO_NAME,
 )
 from osteolib.data import transforms
 from osteolib.data.transforms import (
@@ -189,6 +199,10 @@ __all__ = [
     "builtin",
     "duplicates",
     "from_image_folder",
+    "LabelError",
+    "normalise_labels",
+    "label_mapping",
+    "read_table",
     "COPY_POLICIES",
     "group_copies",
     "copies_across_splits",
@@ -229,6 +243,9 @@ __all__ = [
     "SCAN_COLUMNS",
     "scan_files",
     "check_readable",
+    "MAX_DICOM_PIXELS",
+    "MAX_DICOM_PIXELS_ENV",
+    "max_dicom_pixels",
     "MANIFEST_COLUMNS",
     "REQUIRED_COLUMNS",
     "SPLITS",
@@ -317,6 +334,9 @@ __all__ = [
     "rasterise_boxes",
     "ImageCache",
     "cache_key",
+    "content_hash",
+    "forget_content_hashes",
+    "HASH_MEMO_NAME",
     "Sample",
     "CropBox",
     "Chain",
