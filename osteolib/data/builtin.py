@@ -24,6 +24,7 @@ from osteolib.data.manifest import (
     from_folder,
     patient_from_name,
     read_manifest,
+    read_table,
     warn_excluded,
 )
 
@@ -159,7 +160,7 @@ def hannover(root: str | os.PathLike) -> pd.DataFrame:
     table_path = root / "data.csv"
     if not table_path.is_file():
         raise ManifestError(f"{root}: data.csv not found (Hannover layout: <root>/data.csv + <root>/png/*.png)")
-    table = pd.read_csv(table_path, dtype=str, keep_default_na=False)
+    table = read_table(table_path, "Hannover table (data.csv)")
     absent = [c for c in ("patient_id", "image_id", "projection") if c not in table.columns]
     if absent:
         raise ManifestError(f"{table_path}: lacks column(s) {absent}; it has {list(table.columns)}")

@@ -451,3 +451,13 @@ def test_the_next_process_takes_the_hashes_from_the_cache_folder_and_still_notic
     cache.forget_content_hashes()
     assert cache.cache_key(df, CacheSettings(16), hash_memo=memo) != first.key
     assert str(paths[2]) in reads
+
+
+def test_an_empty_hannover_table_names_the_file(tmp_path):
+    from osteolib.data.builtin import hannover
+
+    (tmp_path / "png").mkdir()
+    (tmp_path / "data.csv").write_bytes(b"")
+    with pytest.raises(ManifestError, match=rf"^{tmp_path}/data.csv: the Hannover table \(data.csv\) is empty "
+                                            r"\(0 bytes\)"):
+        hannover(tmp_path)
