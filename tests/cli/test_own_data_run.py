@@ -162,20 +162,17 @@ def test_the_same_images_from_a_label_table(lab, grouped_run, tmp_path):
     # the csv layout of the same lab (same seed): the same images, patients and copies, read from labels.csv
     table_lab = write_lab_folder(tmp_path / "xrays", n_patients=40, size=256, copy_fraction=0.2, n_dicom=3, seed=5,
                                  layout="csv")
-    later = f"""\
-      - notebook: 04_finetune
-        parameters: {{{TRAINING}, base_lr: 0.02, layer_decay: null, randaug_magnitude: null, backbone: densenet121,
-                     scenario: random}}
-      - notebook: 05_gradcam_statistics
-        parameters: {{max_cam_images: 4, cam_methods: [gradcam], n_boot: 100, randomisation_steps: 2,
-                     max_faithfulness_images: 1, confounder_check: false}}
-    """
+    # the whole sequence again, 06 reading the table's own reports
+    later = WHOLE_SEQUENCE.replace("LAB", str(table_lab.root)).replace(
+        "{scenario: chest_mae, align_epochs: 1", "{scenario: chest_mae, text_column: report, align_epochs: 1")
     path = profile(tmp_path, "own_table", table_lab, "csv", "group", later)
     run = run_profile(str(path), runs_dir=tmp_path / "runs", log_output=False).path
     from_table = read_manifest(run / "data" / "manifest.csv")
     from_folders = read_manifest(grouped_run / "data" / "manifest.csv")
-    assert {"age", "sex", "site"} <= set(from_table.columns)  # the table's extra columns are kept
+    assert {"age", "sex", "site", "report"} <= set(from_table.columns)  # the table's extra columns are kept
     key = ["label", "split"]
     by_name = lambda m: m.assign(name=[Path(p).stem for p in m["path"]]).set_index("name").sort_index()[key]
     pd.testing.assert_frame_equal(by_name(from_table), by_name(from_folders))
-    assert len(list((run / "predictions").glob("*.csv"))) == 1
+    assert len(list((run / "predictions").glob("*.csv"))) == 2
+    texts = pd.read_csv(run / "tables" / "06_pairs.csv")
+    assert texts["text"].str.endswith(("density, intact cortex.", "thin cortex.")).all()  # the reports, not rules

@@ -3,7 +3,7 @@
 Real folders shared by labs are messy in known ways, and this one is too:
 
 * class sub-folders with images at any depth (``<class>/<batch>/P017_ap.png``), or a label table instead
-  (``layout="csv"``: ``images/`` plus ``labels.csv`` with extra columns age, sex and site);
+  (``layout="csv"``: ``images/`` plus ``labels.csv`` with extra columns age, sex, site and a short report);
 * patient ids only in the file names (``P017_...``);
 * **pre-augmented copies** of some radiographs under another patient's name (``P903_ap.jpg``: flipped, rotated
   up to ±15°, shifted up to 10 %, re-exposed, JPEG-recompressed) — the leakage a split must not let through;
@@ -89,6 +89,17 @@ def write_dicom(array: np.ndarray, path: Path, patient_id: str, view: str) -> Pa
     return path
 
 
+FINDINGS = ("normal bone density, intact cortex", "mildly reduced bone density", "reduced bone density, thin cortex")
+
+
+def report_text(label: str, view: str, classes: Sequence[str]) -> str:
+    """A short radiologist-style report: the view and a finding by the class's rank (healthy first, as a
+    report written from the image would word it), e.g. ``AP view. Reduced bone density, thin cortex.``"""
+    rank = list(classes).index(label)
+    level = 0 if rank == 0 else (2 if rank == len(classes) - 1 else 1)
+    return f"{str(view).upper()} view. {FINDINGS[level].capitalize()}."
+
+
 def write_lab_folder(out_dir: str | os.PathLike, n_patients: int = 40, size: int = 64, seed: int = 0,
                      difficulty: float = 0.3, copy_fraction: float = 0.15, n_dicom: int = 3,
                      layout: str = "folders", classes: Sequence[str] = DEFAULT_CLASSES) -> LabFolder:
@@ -118,7 +129,7 @@ def write_lab_folder(out_dir: str | os.PathLike, n_patients: int = 40, size: int
                 shutil.copyfile(item.path, root / folder / name)
             rows.append({"file": (folder / name).as_posix(), "diagnosis": item.label, "patient": patient,
                          "view": item.view, "age": int(rng.integers(50, 90)), "sex": str(rng.choice(["F", "M"])),
-                         "site": f"site{k % 2 + 1}"})
+                         "site": f"site{k % 2 + 1}", "report": report_text(item.label, item.view, classes)})
             for box in item.boxes or []:
                 boxes.append({"image": (folder / name).as_posix(), "x": box["x"], "y": box["y"],
                               "width": box["w"], "height": box["h"], "label": item.label})
