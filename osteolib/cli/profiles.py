@@ -194,7 +194,7 @@ def check_datasets(profile: Profile) -> list[str]:
 
     from osteolib.data.audit import class_order
     from osteolib.data.manifest import ManifestError
-    from osteolib.data.sources import check_dataset_spec, map_classes
+    from osteolib.data.sources import check_dataset_spec, with_label_map
     from osteolib.data.splits import COPY_POLICIES
 
     problems: list[str] = []
@@ -215,6 +215,8 @@ def check_datasets(profile: Profile) -> list[str]:
             if target:
                 if isinstance(value, dict) and params.get("dataset_options"):
                     value = {**value, **params["dataset_options"]}
+                if isinstance(value, dict):  # 00 joins its label_map to the spec's (merging case variants too)
+                    value = with_label_map(value, params.get("label_map"))
                 entries = [(name, value)]
             else:
                 values = value if isinstance(value, list) else [value]
@@ -231,11 +233,7 @@ def check_datasets(profile: Profile) -> list[str]:
                 try:
                     info = check_dataset_spec(entry, params.get("data_root"), where=where, target=target)
                     if target:
-                        classes = info["classes"]
-                        if params.get("label_map"):
-                            mapping = map_classes(classes, params["label_map"], "label_map")
-                            classes = sorted({c for c in mapping.values() if c is not None})
-                        class_order(classes, params.get("classes"), params.get("positive_class"))
+                        class_order(info["classes"], params.get("classes"), params.get("positive_class"))
                 except ManifestError as err:
                     problems.append(prefix + str(err))
     return problems

@@ -79,19 +79,30 @@ def locate(name: str, data_root: str | os.PathLike | None = None) -> Path:
 
 
 def load_dataset(name: str | dict[str, Any], data_root: str | os.PathLike | None = None,
-                 **options: Any) -> pd.DataFrame:
+                 label_map: dict[str, Any] | None = None, **options: Any) -> pd.DataFrame:
     """A manifest for a named data set, or for a spec of one's own data (see :func:`load_spec`).
 
     Synthetic sets take the generator's parameters as options; for a spec, options are further spec keys.
+    ``label_map`` (notebook 00's parameter) merges or drops classes: for a spec it joins the spec's own
+    ``label_map`` (see :func:`with_label_map`) so that it can merge spellings the builder would refuse; for a
+    built-in set it is applied to the manifest (:func:`apply_label_map`).
     """
     if isinstance(name, dict):
-        return load_spec({**name, **options}, data_root, target=True)
+        return load_spec(with_label_map({**name, **options}, label_map), data_root, target=True)
     if name in SYNTHETIC:
-        manifest_csv = ensure_synthetic(SYNTHETIC[name], **options)
-        return read_manifest(manifest_csv)
-    if name in REAL_FOLDERS:
-        return _real_builder(name)(locate(name, data_root), **options)
-    raise ValueError(f"unknown data set {name!r}: known data sets are {known_datasets()}")
+        manifest = read_manifest(ensure_synthetic(SYNTHETIC[name], **options))
+    elif name in REAL_FOLDERS:
+        manifest = _real_builder(name)(locate(name, data_root), **options)
+    else:
+        raise ValueError(f"unknown data set {name!r}: known data sets are {known_datasets()}")
+    return apply_label_map(manifest, label_map)
+
+
+def with_label_map(spec: dict[str, Any], label_map: dict[str, Any] | None) -> dict[str, Any]:
+    """The spec with a profile's ``label_map`` joined to its own (the profile's entry wins for one class)."""
+    if not label_map:
+        return spec
+    return {**spec, "label_map": {**(spec.get("label_map") or {}), **label_map}}
 
 
 def load_pool(names: Sequence[str], data_root: str | os.PathLike | None = None,

@@ -461,3 +461,18 @@ def test_an_empty_hannover_table_names_the_file(tmp_path):
     with pytest.raises(ManifestError, match=rf"^{tmp_path}/data.csv: the Hannover table \(data.csv\) is empty "
                                             r"\(0 bytes\)"):
         hannover(tmp_path)
+
+
+def test_notebook_00s_label_map_merges_case_variants_of_a_spec(tmp_path):
+    # the profile's label_map (notebook 00's parameter) reaches the spec, so it can merge what the builder refuses
+    from osteolib.data.sources import load_dataset
+
+    for name, label in (("a.png", "Normal"), ("b.png", "normal"), ("c.png", "osteoporosis")):
+        Image.fromarray(np.full((8, 8), 100, np.uint8)).save(tmp_path / name)
+    (tmp_path / "labels.csv").write_text("file,dx\na.png,Normal\nb.png,normal\nc.png,osteoporosis\n")
+    spec = {"kind": "csv", "table": str(tmp_path / "labels.csv"), "image_dir": str(tmp_path), "path_column": "file",
+            "label_column": "dx"}
+    with pytest.raises(Exception, match="differ only in case"):
+        load_dataset(spec)
+    manifest = load_dataset(spec, label_map={"Normal": "normal"})
+    assert sorted(manifest["label"]) == ["normal", "normal", "osteoporosis"]
