@@ -88,7 +88,7 @@ def _run_pretrain(run: Any, real: Any, parameters: dict[str, Any], ctx: Distribu
     from osteolib.data import splits
     from osteolib.data import read_audit
     from osteolib.data import ImageCache
-    from osteolib.data import read_manifest
+    from osteolib.data import read_split_manifest
 
     scenario = _pretrain_scenario(parameters)
     config = config_from(pretrain.PretrainConfig, parameters, scenario=scenario)
@@ -101,7 +101,7 @@ def _run_pretrain(run: Any, real: Any, parameters: dict[str, Any], ctx: Distribu
         cache = _rank0_first(ctx, lambda: ImageCache.build(manifest, config.image_size, progress=False))
         mean, std = cache.pixel_stats(manifest.loc[manifest["split"] == "train", "image_id"])
     else:
-        manifest = read_manifest(real.find("data/manifest.csv"))
+        manifest = read_split_manifest(real.find("data/manifest.csv"))
         audit = read_audit(real.find("data/audit.json"))
         mean, std = audit["normalisation"]["mean"], audit["normalisation"]["std"]
         cache = _rank0_first(ctx, lambda: ImageCache.build(manifest, config.image_size, progress=False))
@@ -114,10 +114,10 @@ def _run_finetune(run: Any, real: Any, parameters: dict[str, Any], ctx: Distribu
     from osteolib.stages import finetune
     from osteolib.data import read_audit
     from osteolib.data import ImageCache
-    from osteolib.data import read_manifest
+    from osteolib.data import read_split_manifest
 
     config = config_from(finetune.FinetuneConfig, parameters)
-    manifest = read_manifest(real.find("data/manifest.csv"))
+    manifest = read_split_manifest(real.find("data/manifest.csv"))
     audit = read_audit(real.find("data/audit.json"))
     mean, std = audit["normalisation"]["mean"], audit["normalisation"]["std"]
     cache = _rank0_first(ctx, lambda: ImageCache.build(manifest, config.image_size, progress=False))

@@ -136,6 +136,7 @@ from osteolib.data.synthetic import (
     ensure_synthetic,
 )
 from osteolib.data import cache
+from osteolib.data.invariants import check_split_data, read_split_manifest
 from osteolib.data.cache import (
     CACHE_FORMAT_VERSION,
     RESAMPLE,
@@ -255,6 +256,8 @@ __all__ = [
     "validate_manifest",
     "write_manifest",
     "read_manifest",
+    "read_split_manifest",
+    "check_split_data",
     "boxes_or_none",
     "is_missing",
     "IMAGE_EXTENSIONS",

@@ -11,7 +11,6 @@ them into one patient group, :func:`check_copies` after it stops on (or reports)
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from collections import Counter
@@ -114,16 +113,13 @@ def check_no_leakage(df: pd.DataFrame, hashes: Mapping[str, str] | None = None,
 
 def file_hashes(paths: Iterable[str | os.PathLike]) -> dict[str, str]:
     """sha256 of each file's bytes, keyed by the path as given (as a string)."""
+    from osteolib.data.cache import content_hash  # remembered per process while the file is unchanged
+
     hashes: dict[str, str] = {}
     for path in paths:
         key = str(path)
-        if key in hashes:
-            continue
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        hashes[key] = digest.hexdigest()
+        if key not in hashes:
+            hashes[key] = content_hash(key)
     return hashes
 
 
@@ -254,6 +250,11 @@ def apply_saved_split(df: pd.DataFrame, path: str | os.PathLike) -> pd.DataFrame
                          + "\nRebuild the split (patient_split + save_split) if the data changed on purpose.")
     out = df.copy()
     out["split"] = saved.loc[out["image_id"], "split"].to_numpy()
+    try:
+        check_no_leakage(out, check_content=False)
+    except LeakageError as err:
+        raise LeakageError(f"{path}: the saved split leaks: {err}\nRebuild the split with patient_split + "
+                           "save_split (notebook 00) instead of editing it.") from err
     return out
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from osteolib import models
-from osteolib.data import split_targets
+from osteolib.data import check_no_leakage, split_targets
 from osteolib.runs import Run
 from osteolib.stages.finetune_config import FinetuneConfig, is_number
 from osteolib.stages.pretrain import find_checkpoint
@@ -283,6 +283,7 @@ def check_finetune_inputs(config: FinetuneConfig, run: Run, manifest: pd.DataFra
     repeated = manifest["image_id"][manifest["image_id"].astype(str).duplicated()].astype(str).unique().tolist()
     if repeated:
         raise ValueError(f"the manifest repeats image_id(s) {repeated[:5]}: ids must be unique")
+    check_no_leakage(manifest, check_content=False)  # a patient in two splits is scored as unseen: never train on it
     classes = _resolve_classes(manifest, classes)
     splits = {}
     for split in ("train", "val", "test"):

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import osteolib.stages.finetune as finetune_module
+from osteolib.data.splits import LeakageError
 from osteolib import models
 from osteolib.evaluation import PREDICTION_COLUMNS, choose_threshold
 from osteolib.stages.finetune import (
@@ -237,6 +238,10 @@ def test_bad_inputs_raise_before_any_training(tmp_path, monkeypatch):
         attempt(config(scenario="chest_mae", backbone="densenet121"))
     with pytest.raises(ValueError, match="pretraining stage trains only"):
         attempt(config(scenario="chest_mae", backbone="resnet50"))
+    leaking = manifest.copy()
+    leaking.loc[leaking["image_id"] == "img001", "split"] = "test"  # patient p000's second image: two splits
+    with pytest.raises(LeakageError, match="patient 'p000' is in"):
+        attempt(config(scenario="random"), data=leaking)
 
     # a ViT checkpoint where the DenseNet's should be: another architecture
     mae = mae_vit_small(img_size=IMG, patch_size=8, depth=1, decoder_depth=1, decoder_embed_dim=32,
