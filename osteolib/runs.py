@@ -5,6 +5,13 @@ split this run used), ``checkpoints/``, ``predictions/`` and a ``run.json`` (pro
 commit, timings, status). A new run never writes into an earlier run's folder; a partial rerun (``osteo run --from``)
 starts a new folder whose ``run.json`` names the earlier run as its ``parent``, and :meth:`Run.find` looks there for
 outputs of stages it did not execute itself.
+
+While ``osteo run`` works on a folder, ``run.json`` says ``status: running`` with the runner's ``pid``, ``host`` and
+the process's start time; a signal (SIGTERM, SIGINT) makes it ``interrupted``, and a reader that finds ``running``
+with a dead process on this host reports ``interrupted`` too (:attr:`Run.status`: a SIGKILL leaves no chance to
+write). ``logs/resume_point.json`` lists the files present the last time nothing was executing and which
+executions had completed by then: ``osteo run --resume`` keeps exactly those and moves everything else (what the
+unfinished execution had written) into ``unfinished/<attempt>/`` before it continues (:func:`set_aside_unfinished`).
 """
 from __future__ import annotations
 
@@ -13,8 +20,10 @@ import json
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +32,12 @@ from osteolib.paths import REPO_ROOT
 
 SUBFOLDERS = ("notebooks", "figures", "tables", "data", "checkpoints", "predictions", "logs")
 RUN_DIR_ENV = "OSTEOLIB_RUN_DIR"
+# set by the runner while it works on a run folder, inherited by its kernels and children: a process that carries it
+# still writes there (see live_processes)
+ACTIVE_RUN_ENV = "OSTEOLIB_ACTIVE_RUN"
+RESUME_POINT = "logs/resume_point.json"
+UNFINISHED = "unfinished"  # where --resume moves what unfinished executions had written: unfinished/<attempt>/
+_NOT_OUTPUTS = ("run.json", "run.json.tmp", RESUME_POINT, RESUME_POINT + ".tmp")
 
 
 def runs_root() -> Path:
@@ -82,6 +97,12 @@ class Run:
         return info
 
     @property
+    def status(self) -> str | None:
+        """``run.json``'s status, except that ``running`` whose runner process is gone (on this host) reads
+        ``interrupted``."""
+        return effective_status(self.info())
+
+    @property
     def parent(self) -> Run | None:
         parent = self.info().get("parent")
         return Run(Path(parent)) if parent else None
@@ -135,6 +156,172 @@ def new_run(profile: str, root: str | os.PathLike | None = None, parent: str | o
     return run
 
 
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, Linux ``/proc``), or None where that cannot be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def process_alive(pid: int, started: int | None = None) -> bool:
+    """Whether process ``pid`` exists, is not a zombie and (when ``started`` is known) is the same process, not a
+    later one that reused its number."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    except (OSError, ValueError, TypeError):
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if state in ("Z", "X"):
+            return False
+    except (OSError, IndexError):
+        pass
+    current = process_start(int(pid))
+    return started is None or current is None or current == started
+
+
+def owner() -> dict[str, Any]:
+    """What run.json records of the process working on a run: pid, host, start time."""
+    return {"pid": os.getpid(), "host": socket.gethostname(), "pid_started": process_start(os.getpid())}
+
+
+def effective_status(info: dict[str, Any]) -> str | None:
+    """A run's status as a reader should take it: ``running`` with a dead runner on this host is ``interrupted``."""
+    status = info.get("status")
+    if status == "running" and info.get("pid") and info.get("host") == socket.gethostname() \
+            and not process_alive(info["pid"], info.get("pid_started")):
+        return "interrupted"
+    return status
+
+
+def live_processes(run_path: str | os.PathLike, exclude: tuple[int, ...] = ()) -> list[int]:
+    """Processes of this user that still work on the run (their environment carries ``OSTEOLIB_ACTIVE_RUN`` = the
+    run folder: the runner, its kernels and --jobs children, also orphaned ones). Linux; elsewhere empty."""
+    marker = f"{ACTIVE_RUN_ENV}={Path(run_path).resolve()}".encode()
+    found = []
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return found
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) in (os.getpid(), *exclude):
+            continue
+        try:
+            if marker in (entry / "environ").read_bytes().split(b"\0") and process_alive(int(entry.name)):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return sorted(found)
+
+
+def wait_for_processes(run_path: str | os.PathLike, seconds: float = 15.0) -> list[int]:
+    """Wait up to ``seconds`` for the run's processes to end (an orphaned kernel notices its runner's death within
+    about a second); the ones still alive."""
+    deadline = time.monotonic() + seconds
+    alive = live_processes(run_path)
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.5)
+        alive = live_processes(run_path)
+    return alive
+
+
+def latest_complete_run(profile: str, root: str | os.PathLike | None = None) -> tuple[Path | None, dict[str, int]]:
+    """The newest run folder under ``root`` whose run.json names ``profile`` and whose status is complete (a single
+    grid cell, ``--cell``, does not count: it holds one cell of a step); and how many others were passed over, by
+    status."""
+    root = Path(root) if root else runs_root()
+    candidates = []
+    for folder in (root.iterdir() if root.is_dir() else []):
+        info = Run(folder).info() if (folder / "run.json").is_file() else {}
+        if info.get("profile") == profile:
+            candidates.append((str(info.get("created", "")), folder.name, folder, info))
+    skipped: dict[str, int] = {}
+    for _, _, folder, info in sorted(candidates, key=lambda c: (c[0], _natural(c[1])), reverse=True):
+        status = effective_status(info)
+        if status == "complete" and info.get("cell") is None:
+            return folder, skipped
+        key = "single cell" if status == "complete" else str(status)
+        skipped[key] = skipped.get(key, 0) + 1
+    return None, skipped
+
+
+def _natural(name: str) -> list[Any]:
+    import re
+
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+# -- resume ----------------------------------------------------------------------------------------------------
+
+
+def output_files(run: Run) -> dict[str, list[int]]:
+    """Every file of the run folder (relative path -> [size, mtime_ns]) except run.json, the resume point and what
+    earlier resumes set aside."""
+    files = {}
+    for path in run.path.rglob("*"):
+        relative = path.relative_to(run.path).as_posix()
+        if relative in _NOT_OUTPUTS or relative.split("/", 1)[0] == UNFINISHED or not path.is_file():
+            continue
+        stat = path.stat()
+        files[relative] = [stat.st_size, stat.st_mtime_ns]
+    return files
+
+
+def write_resume_point(run: Run, completed: list[str], after_done: list[str]) -> None:
+    """Record, at a moment when no execution is running, the executions (and ``after`` collections) done and every
+    file they left: what ``--resume`` keeps."""
+    payload = {"completed": list(completed), "after_done": list(after_done), "files": output_files(run)}
+    path = run.path / RESUME_POINT
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=0, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def read_resume_point(run: Run) -> dict[str, Any]:
+    path = run.path / RESUME_POINT
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {run.path} was not made by a runner that records where to resume "
+                                f"(or its logs/ were removed); start a new run, or --from the first missing step "
+                                f"with --parent {run.path}")
+    return json.loads(path.read_text())
+
+
+def changed_outputs(run: Run, point: dict[str, Any]) -> list[str]:
+    """Files the resume point keeps that are gone or were rewritten since (a resume cannot restore them)."""
+    now = output_files(run)
+    return sorted(f for f, (size, mtime) in point["files"].items() if now.get(f) != [size, mtime])
+
+
+def set_aside_unfinished(run: Run, point: dict[str, Any]) -> Path | None:
+    """Move every file the resume point does not keep (an unfinished execution's executed notebook, checkpoints,
+    predictions, logs ...) into ``unfinished/<attempt>/`` at the same relative place; that folder (None: nothing
+    to move). Completed outputs are never touched."""
+    extra = sorted(set(output_files(run)) - set(point["files"]))
+    if not extra:
+        return None
+    attempt = 1
+    while (run.path / UNFINISHED / str(attempt)).exists():
+        attempt += 1
+    target = run.path / UNFINISHED / str(attempt)
+    for relative in extra:
+        destination = target / relative
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(run.path / relative, destination)
+    # folders emptied by the move go too (the run's own subfolders stay)
+    emptied = {parent for relative in extra for parent in Path(relative).parents if parent != Path(".")}
+    for folder in sorted(emptied, key=lambda p: len(p.parts), reverse=True):
+        place = run.path / folder
+        if folder.as_posix() not in SUBFOLDERS and place.is_dir() and not any(place.iterdir()):
+            place.rmdir()
+    return target
+
+
 def gather_runs(sources: list[str | os.PathLike], profile: str, root: str | os.PathLike | None = None,
                 parent: str | os.PathLike | None = None) -> Run:
     """A new run folder holding the outputs of several complete runs of single grid cells.
@@ -153,8 +340,8 @@ def gather_runs(sources: list[str | os.PathLike], profile: str, root: str | os.P
         info = Run(folder).info()
         if not info:
             problems.append(f"{folder}: not a run folder (no run.json)")
-        elif info.get("status") != "complete":
-            problems.append(f"{folder}: status {info.get('status')!r}, not 'complete' (rerun that cell first)")
+        elif effective_status(info) != "complete":
+            problems.append(f"{folder}: status {effective_status(info)!r}, not 'complete' (rerun that cell first)")
         else:
             parents.add(info.get("parent"))
     if problems:
@@ -165,8 +352,8 @@ def gather_runs(sources: list[str | os.PathLike], profile: str, root: str | os.P
     parent = parent if parent is not None else parents.pop()
     owner: dict[Path, Path] = {}  # relative path -> the source file it comes from
     for folder in folders:
-        for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "run.json"):
-            relative = file.relative_to(folder)
+        for relative in sorted(Path(f) for f in output_files(Run(folder))):  # not run.json, the resume point
+            file = folder / relative
             first = owner.setdefault(relative, file)
             if first != file and not _same_bytes(first, file):
                 raise ValueError(f"gather_runs: {relative} differs between {first.parent} and {file.parent}: "

@@ -7,10 +7,26 @@
     osteo run --profile smoke --jobs 2        # the grid cells of each step two at a time
     osteo run --profile real --only 04 --cell 3 --parent runs/<run>   # exactly one grid cell (Slurm arrays)
     osteo collect --profile real runs/cells/*   # the cells' run folders gathered into one, tables written
+    osteo run --resume runs/<run>             # continue a killed or failed run from its first unfinished execution
     osteo list                                # profiles and their executions
 
 Each executed notebook (with its outputs) lands in ``<run>/notebooks/``; a failure stops the sequence with a message
 naming the notebook and the cell, and everything produced before it stays in the run folder.
+
+Before the first kernel starts, every parameter of every selected execution is checked
+(:func:`osteolib.cli.profiles.check_profile`): names, types, ranges, backbones and scenarios (through the notebooks'
+configuration dataclasses), paths that must exist (``data_root``, ``init_checkpoint``, ``--parent``); an error
+names the profile line or the ``--set`` the value came from. ``--set`` wins over shared and step parameters and is
+refused for a name a selected step varies (variants, grid). run.json keeps the plan (every execution with the
+parameters it receives) and, per execution, what the notebook was given.
+
+Interruptions: SIGTERM and SIGINT mark the run ``interrupted`` in run.json (the running kernels and --jobs children
+are stopped); after a SIGKILL a reader sees ``running`` with a dead pid and reports ``interrupted``
+(:attr:`osteolib.runs.Run.status`). ``--resume RUN`` keeps the executions completed at the run's last resume point,
+moves whatever the unfinished ones wrote into ``<run>/unfinished/<attempt>/`` and continues with the same plan, so
+it reaches the files an uninterrupted run writes. With ``--jobs N`` the resume point is taken between steps, so the
+cells of an interrupted step are all redone. ``--from`` without ``--parent`` takes the earlier stages from the latest
+*complete* run of the same profile.
 
 Parallel grid cells (``--jobs N``): the executions of one step (its variants x grid) are independent, so N of them
 run at a time; steps still run in order and a step's ``after`` collection runs once all its cells are done. Each
@@ -28,21 +44,26 @@ one (:func:`osteolib.runs.gather_runs`) and runs the step's ``after`` collection
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import datetime
 import importlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from osteolib import runs
-from osteolib.cli.profiles import (NOTEBOOKS_DIR, Execution, Profile, ProfileError, check_profile, load_profile,
-                     parameters_for)
+from osteolib.cli.profiles import (NOTEBOOKS_DIR, Execution, Profile, ProfileError, check_profile, check_values,
+                                   load_profile, parameters_for, resolve_paths)
 
 KERNEL_NAME = "osteolib"
 
@@ -60,6 +81,53 @@ AFTER_STEP = {"results_tables": _results_tables}
 
 class RunFailed(RuntimeError):
     """A notebook of the sequence failed; the message names the notebook, the cell and the run folder."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT reached the runner: the run is marked ``interrupted`` and can be resumed."""
+
+    def __init__(self, signal_name: str = "SIGINT"):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+    """SIGTERM and SIGINT raise :class:`RunInterrupted` in the main thread while the block runs, so the run is marked
+    interrupted; a second signal takes the default action. Outside the main thread: nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {s: signal.getsignal(s) for s in signals}
+
+    def handler(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        raise RunInterrupted(signal.Signals(signum).name)
+
+    for s in signals:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def _working_on(run: runs.Run) -> Iterator[None]:
+    """``OSTEOLIB_ACTIVE_RUN`` = the run folder for this process and what it starts (kernels, --jobs children), so a
+    later ``--resume`` can tell that one of them still writes there (:func:`osteolib.runs.live_processes`)."""
+    before = os.environ.get(runs.ACTIVE_RUN_ENV)
+    os.environ[runs.ACTIVE_RUN_ENV] = str(run.path)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(runs.ACTIVE_RUN_ENV, None)
+        else:
+            os.environ[runs.ACTIVE_RUN_ENV] = before
 
 
 def select(profile: Profile, only: Sequence[str] | None = None, start: str | None = None,
@@ -170,15 +238,49 @@ def execute_pinned(execution: Execution, run: runs.Run, slot: Slot) -> Path:
                                           "parameters": execution.parameters})]
     env = {**os.environ, **slot.environment()}
     with open(log_path, "w") as log:
-        # The affinity is set in the child before it starts Python; the notebook kernel inherits it.
-        done = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                              preexec_fn=lambda: os.sched_setaffinity(0, slot.cores))
-    if done.returncode != 0:
+        # The affinity is set in the child before it starts Python; the notebook kernel inherits it. The child gets
+        # SIGTERM when this runner dies (even by SIGKILL), and its kernel follows it (ipykernel's parent poller).
+        child = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                 preexec_fn=lambda: _child_setup(slot.cores))
+        _CHILDREN.add(child)
+        try:
+            returncode = child.wait()
+        finally:
+            _CHILDREN.discard(child)
+    if returncode != 0:
         error_path = log_path.with_suffix(".error")
         reason = error_path.read_text() if error_path.is_file() else \
-            f"notebook {execution.name} failed (exit status {done.returncode})"
+            f"notebook {execution.name} failed (exit status {returncode})"
         raise RunFailed(f"{reason}\n  its log: {log_path}")
     return run.path / "notebooks" / f"{execution.name}.ipynb"
+
+
+_CHILDREN: set[subprocess.Popen] = set()  # the --jobs children running now
+
+
+def _child_setup(cores: Sequence[int]) -> None:
+    """In a --jobs child before it starts Python: its cores, and SIGTERM when its parent dies (Linux)."""
+    os.sched_setaffinity(0, cores)
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _stop_children(grace: float = 10.0) -> None:
+    """SIGTERM to the running --jobs children (their kernels follow), SIGKILL to any still alive after ``grace``."""
+    children = list(_CHILDREN)
+    for child in children:
+        with contextlib.suppress(OSError):
+            child.terminate()
+    deadline = time.monotonic() + grace
+    for child in children:
+        try:
+            child.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
 
 
 def run_cells(executions: Sequence[Execution], slots: Sequence[Slot],
@@ -194,28 +296,43 @@ def run_cells(executions: Sequence[Execution], slots: Sequence[Slot],
     pending = list(enumerate(executions))
     running: dict[Future, tuple[int, Execution, Slot, float]] = {}
     failures: list[str] = []
+
+    def record_of(execution: Execution, slot: Slot, t0: float) -> dict[str, Any]:
+        return {"name": execution.name, "notebook": execution.notebook, "parameters": execution.parameters,
+                "seconds": round(time.perf_counter() - t0, 1), "cores": list(slot.cores), "gpu": slot.gpu}
+
     with ThreadPoolExecutor(max_workers=len(slots)) as pool:
-        while pending or running:
-            while pending and free and not failures:
-                index, execution = pending.pop(0)
-                slot = free.pop(0)
-                running[pool.submit(execute_cell, execution, slot)] = (index, execution, slot, time.perf_counter())
-            if not running:
-                break
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                index, execution, slot, t0 = running.pop(future)
-                free.append(slot)
-                record = {"name": execution.name, "notebook": execution.notebook, "parameters": execution.parameters,
-                          "seconds": round(time.perf_counter() - t0, 1), "cores": list(slot.cores), "gpu": slot.gpu}
-                error = future.exception()
-                if error is None:
-                    record["status"] = "ok"
-                else:
-                    record.update(status="failed", error=str(error))
-                    failures.append(str(error))
-                records[index] = record
-                on_done(execution, record)
+        try:
+            while pending or running:
+                while pending and free and not failures:
+                    index, execution = pending.pop(0)
+                    slot = free.pop(0)
+                    running[pool.submit(execute_cell, execution, slot)] = (index, execution, slot,
+                                                                          time.perf_counter())
+                if not running:
+                    break
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    index, execution, slot, t0 = running.pop(future)
+                    free.append(slot)
+                    record = record_of(execution, slot, t0)
+                    error = future.exception()
+                    if error is None:
+                        record["status"] = "ok"
+                    else:
+                        record.update(status="failed", error=str(error))
+                        failures.append(str(error))
+                    records[index] = record
+                    on_done(execution, record)
+        except BaseException as error:
+            # interrupted (a signal) while cells run: stop them, so the pool does not wait for them to finish
+            _stop_children()
+            for index, execution, slot, t0 in running.values():
+                records[index] = record_of(execution, slot, t0)
+                records[index].update(status="interrupted" if isinstance(error, KeyboardInterrupt) else "failed",
+                                      error=f"{type(error).__name__}: {error}")
+                on_done(execution, records[index])
+            raise
     ordered = [records[i] for i in sorted(records)]
     if failures:
         raise RunFailed("\n".join(failures))
@@ -239,86 +356,182 @@ def run_profile(profile: Profile | str, only: Sequence[str] | None = None, start
                 cell: int | None = None) -> runs.Run:
     """Execute a profile's notebooks into a new run folder and return it.
 
-    ``jobs`` > 1 runs each step's cells that many at a time (pinned child processes, see the module docstring);
-    ``cell`` K runs only the K-th selected execution (its step's ``after`` collection is left out: it needs all
-    cells)."""
+    Everything is checked before the first kernel starts and before the run folder is made: the profile, every
+    parameter of every selected execution, ``--parent``. ``overrides`` (``--set``; :func:`parse_overrides` keeps
+    how each was written, for messages) win over shared and step parameters. ``jobs`` > 1 runs each step's cells
+    that many at a time (pinned child processes, see the module docstring); ``cell`` K runs only the K-th selected
+    execution (its step's ``after`` collection is left out: it needs all cells)."""
     profile = load_profile(profile) if isinstance(profile, (str, Path)) else profile
     if overrides:
-        profile.parameters.update(overrides)
-    check_profile(profile)
+        profile = dataclasses.replace(profile, overrides={**profile.overrides, **overrides},
+                                      override_origins={**profile.override_origins,
+                                                        **getattr(overrides, "origins", {})})
     unknown = [s.after for s in profile.steps if s.after and s.after not in AFTER_STEP]
     if unknown:
         raise ProfileError(f"profile {profile.source}: unknown `after` step(s) {unknown}; known: {sorted(AFTER_STEP)}")
-    slots = plan_slots(jobs) if jobs != 1 else None
-    check_kernel()
-    executions = select(profile, only, start, cell)
+    executions = [resolve_paths(e) for e in select(profile, only, start, cell)]
     if not executions:
         raise ProfileError(f"nothing to run in profile {profile.name} with only={only} from={start}")
-    partial = bool(only or start or cell is not None)
-    if parent is None and executions[0].notebook != profile.notebooks[0]:
-        # the skipped earlier stages' outputs come from the latest run of this profile
+    check_profile(profile, executions=executions)
+    if parent is not None:
+        parent = check_parent(parent)
+    elif executions[0].notebook != profile.notebooks[0]:
+        # the skipped earlier stages' outputs come from the latest complete run of this profile
         parent = latest_run(profile.name, runs_dir)
+    slots = plan_slots(jobs) if jobs != 1 else None
+    check_kernel()
+    partial = bool(only or start or cell is not None)
     extra = {"cell": cell} if cell is not None else {}
+    after = {s.notebook: s.after for s in profile.steps if s.after}
     run = runs.new_run(profile.name, root=runs_dir, parent=parent, profile_file=str(profile.source),
-                       parameters=profile.parameters, partial=partial, status="running", **extra)
+                       parameters=profile.effective_parameters, overrides=dict(profile.overrides), partial=partial,
+                       status="running", plan=[e.record() for e in executions], after=after,
+                       run_after=cell is None, **runs.owner(), **extra)
+    runs.write_resume_point(run, [], [])
     print(f"osteo: run folder {run.path}" + (f" (earlier stages from {parent})" if parent else ""), flush=True)
-    records: list[dict[str, Any]] = []
-    started = time.perf_counter()
-    if slots is not None:
-        _run_steps_parallel(profile, executions, run, slots, records, started, run_after=cell is None)
-        return run
-    for i, execution in enumerate(executions, 1):
-        print(f"osteo: [{i}/{len(executions)}] {execution.name} ...", flush=True)
-        t0 = time.perf_counter()
-        record = {"name": execution.name, "notebook": execution.notebook, "parameters": execution.parameters}
-        try:
-            execute(execution, run, log_output=log_output)
-        except BaseException as err:
-            record.update(status="failed", seconds=round(time.perf_counter() - t0, 1), error=str(err))
-            records.append(record)
-            run.update_info(executions=records, status="failed", seconds=round(time.perf_counter() - started, 1))
-            raise
-        record.update(status="ok", seconds=round(time.perf_counter() - t0, 1))
-        records.append(record)
-        run.update_info(executions=records)
-        print(f"osteo: [{i}/{len(executions)}] {execution.name} done in {record['seconds']:.0f} s", flush=True)
-        last_of_step = i == len(executions) or executions[i].notebook != execution.notebook
-        after = next((s.after for s in profile.steps if s.notebook == execution.notebook), None)
-        if last_of_step and after and cell is None:
-            AFTER_STEP[after](run)
-    run.update_info(executions=records, status="complete", seconds=round(time.perf_counter() - started, 1))
-    print(f"osteo: complete in {time.perf_counter() - started:.0f} s -> {run.path}", flush=True)
+    _execute_plan(run, executions, after, slots, log_output=log_output, run_after=cell is None)
     return run
 
 
-def _run_steps_parallel(profile: Profile, executions: list[Execution], run: runs.Run, slots: list[Slot],
-                        records: list[dict[str, Any]], started: float, run_after: bool = True) -> None:
-    """The ``--jobs N`` loop: steps in order, each step's cells N at a time, then its ``after`` collection."""
-    print(f"osteo: {len(slots)} jobs at a time: " + "; ".join(
-        f"cores {list(s.cores)}" + (f", GPU {s.gpu}" if s.gpu is not None else "") for s in slots), flush=True)
-    total, done = len(executions), 0
+def resume_run(run_dir: str | Path, jobs: int = 1, log_output: bool = True, wait_seconds: float = 15.0) -> runs.Run:
+    """Continue a killed, interrupted or failed run in its own folder: the executions completed at its resume point
+    are kept, whatever else is in the folder (an unfinished execution's notebook, checkpoints, predictions) moves
+    to ``<run>/unfinished/<attempt>/``, and the rest of the recorded plan runs with the recorded parameters."""
+    path = Path(run_dir)
+    run = runs.Run(path)
+    info = run.info()
+    if not info:
+        raise ProfileError(f"--resume {run_dir}: not a run folder (no run.json in {path.resolve()})")
+    if "plan" not in info:
+        raise ProfileError(f"--resume {run_dir}: run.json has no plan (the run was made before --resume existed); "
+                           f"continue it with `osteo run --profile {info.get('profile')} --from <step> --parent "
+                           f"{run.path}`")
+    status = run.status
+    if status == "complete":
+        raise ProfileError(f"--resume {run_dir}: the run is complete; nothing to resume")
+    if status == "running":
+        raise ProfileError(f"--resume {run_dir}: the run is still running (pid {info.get('pid')} on "
+                           f"{info.get('host')}); stop it first (kill -TERM {info.get('pid')}) or let it finish")
+    alive = runs.wait_for_processes(run.path, wait_seconds)
+    if alive:
+        raise ProfileError(f"--resume {run_dir}: process(es) {alive} still write into this run (a kernel or --jobs "
+                           f"child of the stopped runner); end them first")
+    point = runs.read_resume_point(run)
+    changed = runs.changed_outputs(run, point)
+    if changed:
+        raise ProfileError(f"--resume {run_dir}: output(s) of completed executions were changed or removed after "
+                           f"they completed, so the run cannot be continued as it was: {changed[:5]}"
+                           + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+                           + "; start a new run (or --from that step with --parent)")
+    plan = [Execution.from_record(r) for r in info["plan"]]
+    completed = [name for name in point["completed"] if any(e.name == name for e in plan)]
+    remaining = [e for e in plan if e.name not in completed]
+    problems = check_values(remaining, info.get("profile", "?"))
+    if problems:
+        raise ProfileError("\n".join(problems))
+    slots = plan_slots(jobs) if jobs != 1 else None
+    check_kernel()
+    moved = runs.set_aside_unfinished(run, point)
+    kept = [r for r in info.get("executions", []) if r.get("name") in completed and r.get("status") == "ok"]
+    attempt = {"at": datetime.datetime.now().isoformat(timespec="seconds"), "previous_status": status,
+               "kept": completed, "set_aside": str(moved) if moved else None,
+               "git_commit": runs.git_commit(), **runs.owner()}
+    run.update_info(status="running", executions=kept, resumed=info.get("resumed", []) + [attempt], **runs.owner())
+    print(f"osteo: resuming {run.path}: {len(completed)} of {len(plan)} execution(s) kept, {len(remaining)} to run"
+          + (f"; what the unfinished ones wrote is in {moved}" if moved else ""), flush=True)
+    _execute_plan(run, plan, info.get("after", {}), slots, log_output=log_output,
+                  run_after=info.get("run_after", True), done=set(completed), after_done=set(point["after_done"]),
+                  records=kept)
+    return run
 
-    def finished(execution: Execution, record: dict[str, Any]) -> None:
-        nonlocal done
-        done += 1
-        records.append(record)
-        run.update_info(executions=records)
-        print(f"osteo: [{done}/{total}] {execution.name} {'done' if record['status'] == 'ok' else 'FAILED'} in "
-              f"{record['seconds']:.0f} s", flush=True)
 
-    for cells in _steps_of(executions):
-        print(f"osteo: {cells[0].notebook}: {len(cells)} execution(s)", flush=True)
+def _execute_plan(run: runs.Run, plan: Sequence[Execution], after: dict[str, str], slots: list[Slot] | None,
+                  log_output: bool = True, run_after: bool = True, done: set[str] | None = None,
+                  after_done: set[str] | None = None, records: list[dict[str, Any]] | None = None) -> None:
+    """Run the executions of ``plan`` not in ``done``, step by step, each step's ``after`` collection once all its
+    executions are done; a resume point after each execution (with --jobs: after each step) and each collection.
+    A signal marks the run ``interrupted``, an error ``failed``; both re-raise."""
+    done, after_done = set(done or ()), set(after_done or ())
+    records = list(records or [])
+    order = {e.name: i for i, e in enumerate(plan)}
+    todo_total = sum(e.name not in done for e in plan)
+    started = time.perf_counter()
+    counter = 0
+
+    def save(**fields: Any) -> None:
+        records.sort(key=lambda r: order.get(r["name"], len(order)))
+        run.update_info(executions=records, **fields)
+
+    def resume_point() -> None:
+        runs.write_resume_point(run, [e.name for e in plan if e.name in done],
+                                [n for n in dict.fromkeys(e.notebook for e in plan) if n in after_done])
+
+    def record_of(execution: Execution) -> dict[str, Any]:
+        record = {"name": execution.name, "notebook": execution.notebook, "parameters": parameters_for(execution)}
+        given = {k: v for k, v in record["parameters"].items() if execution.origins.get(k, "").startswith("--")}
+        if given:
+            record["command_line"] = given  # the values --set / --data-root gave this execution
+        return record
+
+    if slots is not None:
+        print(f"osteo: {len(slots)} jobs at a time: " + "; ".join(
+            f"cores {list(s.cores)}" + (f", GPU {s.gpu}" if s.gpu is not None else "") for s in slots), flush=True)
+    with _working_on(run), _interruptible():
         try:
-            run_cells(cells, slots[:len(cells)], lambda e, s: execute_pinned(e, run, s), finished)
-        except BaseException:
-            run.update_info(executions=records, status="failed", seconds=round(time.perf_counter() - started, 1))
+            for cells in _steps_of(plan):
+                notebook = cells[0].notebook
+                todo = [e for e in cells if e.name not in done]
+                if slots is None:
+                    for execution in todo:
+                        counter += 1
+                        print(f"osteo: [{counter}/{todo_total}] {execution.name} ...", flush=True)
+                        t0 = time.perf_counter()
+                        record = record_of(execution)
+                        try:
+                            execute(execution, run, log_output=log_output)
+                        except BaseException as err:
+                            record.update(status="interrupted" if isinstance(err, KeyboardInterrupt) else "failed",
+                                          seconds=round(time.perf_counter() - t0, 1),
+                                          error=str(err) or type(err).__name__)
+                            records.append(record)
+                            raise
+                        record.update(status="ok", seconds=round(time.perf_counter() - t0, 1))
+                        records.append(record)
+                        done.add(execution.name)
+                        save()
+                        resume_point()
+                        print(f"osteo: [{counter}/{todo_total}] {execution.name} done in {record['seconds']:.0f} s",
+                              flush=True)
+                elif todo:
+                    print(f"osteo: {notebook}: {len(todo)} execution(s)", flush=True)
+
+                    def finished(execution: Execution, record: dict[str, Any]) -> None:
+                        nonlocal counter
+                        counter += 1
+                        record = {**record_of(execution), **{k: v for k, v in record.items() if k != "parameters"}}
+                        records.append(record)
+                        if record["status"] == "ok":
+                            done.add(execution.name)
+                        save()
+                        print(f"osteo: [{counter}/{todo_total}] {execution.name} "
+                              f"{'done' if record['status'] == 'ok' else record['status'].upper()} in "
+                              f"{record['seconds']:.0f} s", flush=True)
+
+                    run_cells(todo, slots[:len(todo)], lambda e, s: execute_pinned(e, run, s), finished)
+                    resume_point()  # nothing runs now: every finished cell is kept from here on
+                if after.get(notebook) and run_after and notebook not in after_done \
+                        and all(e.name in done for e in cells):
+                    AFTER_STEP[after[notebook]](run)
+                    after_done.add(notebook)
+                    resume_point()
+        except BaseException as err:
+            status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+            save(status=status, seconds=round(time.perf_counter() - started, 1))
+            if status == "interrupted":
+                print(f"osteo: interrupted ({getattr(err, 'signal_name', type(err).__name__)}); continue with "
+                      f"`osteo run --resume {run.path}`", file=sys.stderr, flush=True)
             raise
-        after = next((s.after for s in profile.steps if s.notebook == cells[0].notebook), None)
-        if after and run_after:
-            AFTER_STEP[after](run)
-    order = {e.name: i for i, e in enumerate(executions)}
-    records.sort(key=lambda record: order[record["name"]])
-    run.update_info(executions=records, status="complete", seconds=round(time.perf_counter() - started, 1))
+    save(status="complete", seconds=round(time.perf_counter() - started, 1))
     print(f"osteo: complete in {time.perf_counter() - started:.0f} s -> {run.path}", flush=True)
 
 
@@ -346,23 +559,53 @@ def collect_cells(sources: Sequence[str | Path], profile: Profile | str, parent:
 
 
 def latest_run(profile: str, runs_dir: str | Path | None = None) -> Path:
+    """The latest complete run of ``profile`` (by its run.json, not the folder name): the default parent of
+    ``--from``. A failed, interrupted or still running run, another profile's run or a single ``--cell`` is never
+    chosen silently."""
     root = Path(runs_dir) if runs_dir else runs.runs_root()
-    candidates = sorted(p for p in root.glob(f"*-{profile}*") if (p / "run.json").is_file()) if root.is_dir() else []
-    if not candidates:
-        raise ProfileError(f"--from/--only need the outputs of earlier stages, but there is no earlier run of profile "
-                           f"{profile!r} under {root}: run the whole profile first, or pass --parent RUN_FOLDER")
-    return candidates[-1]
+    found, skipped = runs.latest_complete_run(profile, root)
+    if found is None:
+        passed = "; passed over: " + ", ".join(f"{n} {s}" for s, n in sorted(skipped.items())) if skipped else ""
+        raise ProfileError(f"--from/--only need the outputs of earlier stages, but there is no complete run of profile "
+                           f"{profile!r} under {root}{passed}: run the whole profile first, resume the unfinished "
+                           f"one (--resume RUN), or pass --parent RUN_FOLDER")
+    return found
 
 
-def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+def check_parent(parent: str | Path) -> Path:
+    """``--parent`` must be an existing folder; one whose run did not complete is named (its missing outputs are
+    reported by the notebook that needs them)."""
+    path = Path(parent).expanduser()
+    if not path.is_dir():
+        raise ProfileError(f"--parent {parent}: no such run folder ({path.resolve()}); give the run folder whose "
+                           f"outputs the skipped stages come from (runs/<timestamp>-<profile>)")
+    status = runs.Run(path).status if (path / "run.json").is_file() else None
+    if status not in (None, "complete"):
+        print(f"osteo: note: the parent {path} has status {status!r}", flush=True)
+    return path
+
+
+class Overrides(dict):
+    """``--set`` values by name, with how each was written (``origins``) for the runner's messages."""
+
+    def __init__(self, values: dict[str, Any] | None = None, origins: dict[str, str] | None = None):
+        super().__init__(values or {})
+        self.origins = dict(origins or {})
+
+
+def parse_overrides(items: Sequence[str]) -> Overrides:
     import yaml
 
-    out = {}
+    out = Overrides()
     for item in items:
         if "=" not in item:
             raise ProfileError(f"--set expects NAME=VALUE, got {item!r}")
         key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ProfileError(f"--set {item}: the value is not valid YAML ({err})") from None
+        out.origins[key.strip()] = f"--set {item}"
     return out
 
 
@@ -394,6 +637,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "GPU); default 1: one after another")
     run_p.add_argument("--cell", type=int, help="run only the K-th (0-based) of the selected executions, as "
                                                 "`osteo list` numbers them (e.g. $SLURM_ARRAY_TASK_ID)")
+    run_p.add_argument("--resume", metavar="RUN", help="continue this killed, interrupted or failed run folder from "
+                                                       "its first unfinished execution, with its own parameters")
     list_p = sub.add_parser("list", help="list the profiles and their executions")
     list_p.add_argument("--profile", "-p")
     list_p.add_argument("--only", nargs="+", help="number the executions of these notebooks (for --cell)")
@@ -434,14 +679,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "collect":
             collect_cells(args.cells, args.profile, parent=args.parent, runs_dir=args.runs_dir)
             return 0
+        if args.resume:
+            given = [flag for flag, value in (("--only", args.only), ("--from", args.start), ("--parent", args.parent),
+                                              ("--data-root", args.data_root), ("--set", args.set),
+                                              ("--cell", args.cell is not None), ("--runs-dir", args.runs_dir))
+                     if value]
+            if given:
+                raise ProfileError(f"--resume continues a run with its own parameters and selection; drop "
+                                   f"{', '.join(given)}")
+            resume_run(args.resume, jobs=args.jobs, log_output=not args.quiet)
+            return 0
         overrides = parse_overrides(args.set)
         if args.data_root:
-            overrides["data_root"] = str(Path(args.data_root).resolve())
+            overrides["data_root"] = str(Path(args.data_root).expanduser().resolve())
+            overrides.origins["data_root"] = f"--data-root {args.data_root}"
         run_profile(args.profile, only=args.only, start=args.start, parent=args.parent, overrides=overrides,
                     runs_dir=args.runs_dir, log_output=not args.quiet, jobs=args.jobs, cell=args.cell)
     except (ProfileError, RunFailed, RuntimeError, FileNotFoundError) as err:
         print(f"osteo: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as err:
+        name = getattr(err, "signal_name", "SIGINT")
+        return 128 + int(getattr(signal, name, signal.SIGINT))
     return 0
 
 
