@@ -211,9 +211,10 @@ def restore_best(out_dir: Path, checkpoint: dict) -> None:
         best.unlink(missing_ok=True)
         return
     if _best_epoch(copy) != wanted:
-        raise ValueError(f"cannot resume {out_dir}: {BEST} holds the best of epoch {_best_epoch(best)!r}, written after "
-                         f"the checkpoint, whose best was epoch {wanted}, and {BEST_AT_CHECKPOINT} does not hold that "
-                         f"epoch's weights; continuing would leave the wrong best.pt. Start the run in a new out_dir.")
+        raise ValueError(f"cannot resume {out_dir}: {BEST} holds the best of epoch {_best_epoch(best)!r}, written "
+                         f"after the checkpoint, whose best was epoch {wanted}, and {BEST_AT_CHECKPOINT} does not hold "
+                         f"that epoch's weights; continuing would leave the wrong best.pt. Start the run in a new "
+                         f"out_dir.")
     _link_or_copy(copy, best)
 
 
