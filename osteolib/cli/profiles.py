@@ -468,13 +468,13 @@ def check_overrides(profile: Profile, executions: Sequence[Execution]) -> list[s
     return problems
 
 
-# Ranges of parameters no configuration dataclass checks (a notebook without one, or a name that is not a field):
-# name -> (test on a number, what it must be)
+# Ranges checked where the configuration dataclass does not report them (a notebook without one, a name that is not
+# a field, or a field it takes unchecked, such as PretrainConfig.image_size): name -> (test on a number, what it
+# must be)
 RANGES: dict[str, tuple[Any, str]] = {
     "image_size": (lambda v: v >= 16, "an int >= 16 pixels"),
     "epochs": (lambda v: v >= 1, "an int >= 1"),
     "align_epochs": (lambda v: v >= 1, "an int >= 1"),
-    "batch_size": (lambda v: v >= 2, "an int >= 2 (BatchNorm needs two images per batch)"),
     "seed": (lambda v: v >= 0, "an int >= 0"),
     "split_seed": (lambda v: v >= 0, "an int >= 0"),
     "n_boot": (lambda v: v >= 1, "an int >= 1"),
@@ -582,7 +582,12 @@ def check_values(executions: Sequence[Execution], profile_name: str = "?") -> li
         config = notebook_config(execution.notebook)
         fields = {f.name: f for f in dataclasses.fields(config.cls)} if config else {}
         values = {k: v for k, v in execution.parameters.items() if k in declared}
-        typed_ok = True
+        error = None
+        if config is not None and not any(
+                name in fields and type_problem(value, fields[name].type) for name, value in values.items()):
+            error = _config_error(config, execution, {**defaults, **values})
+            if error:
+                problem(execution, error)
         for name, value in values.items():
             if name in _CHECKED_ELSEWHERE:
                 continue
@@ -595,11 +600,11 @@ def check_values(executions: Sequence[Execution], profile_name: str = "?") -> li
             else:
                 expected = None
             if expected:
-                typed_ok = False
                 problem(execution, f"{name}={_yaml(value)} from {execution.origin(name)}: must be {expected} "
                                    f"({source})")
                 continue
-            if name in RANGES and name not in fields and _is_number(value):
+            # a range the dataclass does not check itself (or a notebook without one); not twice
+            if name in RANGES and _is_number(value) and not (error and re.search(rf"\b{name}\b", error)):
                 test, what = RANGES[name]
                 if not test(value):
                     problem(execution, f"{name}={_yaml(value)} from {execution.origin(name)}: must be {what}")
@@ -614,10 +619,6 @@ def check_values(executions: Sequence[Execution], profile_name: str = "?") -> li
             problem(execution, f"data_root is null, so the notebooks would read ${DATA_ROOT_ENV}="
                                f"{os.environ[DATA_ROOT_ENV]!r}, which is no folder; set it to the folder of the real "
                                f"data sets, unset it, or give --data-root")
-        if config is not None and typed_ok:
-            error = _config_error(config, execution, {**defaults, **values})
-            if error:
-                problem(execution, error)
     problems = []
     for text, where in found.items():
         steps = sorted({e.notebook for e in where})

@@ -120,6 +120,15 @@ def test_a_profile_whose_parameters_are_a_list_names_the_file(tmp_path):
         f"list: [{{image_size: 32}}, {{seed: 0}}]")
 
 
+def test_a_range_the_stage_dataclass_leaves_open_is_still_checked():
+    # PretrainConfig takes any int image_size; notebooks 01-03 would fail deep inside the model
+    profile = load_profile("smoke").set({"image_size": -5}, {"image_size": "--set image_size=-5"})
+    with pytest.raises(ProfileError) as info:
+        check_profile(profile, executions=[e for e in profile.executions() if e.notebook == "01_chest_mae"])
+    assert str(info.value) == ("profile smoke, step 01_chest_mae (2 executions): image_size=-5 from --set "
+                               "image_size=-5: must be an int >= 16 pixels")
+
+
 def test_every_shipped_profile_passes_the_value_checks():
     for name in ("smoke", "real", "paper", "label_efficiency"):
         check_profile(load_profile(name))
