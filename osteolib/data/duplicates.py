@@ -49,7 +49,7 @@ import pandas as pd
 DETECT_SIZE = 256       # longer side (px) the detector looks at: fine texture survives, SIFT stays fast
 FEATURES = 300          # keypoints kept per image (the strongest)
 CONTRAST = 0.005        # SIFT's contrast threshold; OpenCV's 0.04 finds almost nothing in a soft radiograph
-RATIO = 0.8             # Lowe's ratio test: a match must be clearly better than the second-best
+RATIO = 0.8             # a match must be this much nearer than the crowd's (Lowe's ratio test, against the crowd)
 REPROJECTION_PX = 3.0   # at DETECT_SIZE (scaled down for smaller images): a match agrees with the transform
 LOOKUP_K = 16           # nearest descriptors looked up per descriptor (enough to reach CROWD other images)
 CROWD = 6               # the match must beat the nearest descriptor of the CROWD-th nearest other image
@@ -58,7 +58,7 @@ SCALE_RANGE = (0.75, 1.33)  # crops of up to ~25 % resized back, or the other wa
 DEFAULT_MIN_MATCHES = 12  # look-alikes of the synthetic template reach 9 at 64 px, where grain is gone
 DETAIL_SIGMA = 0.6      # px at the detector image: the grain and trabecular scale that tells radiographs apart
 PATCH = 16              # px: the squares whose fine detail is compared one by one
-DEFAULT_MIN_TEXTURE = 0.2
+DEFAULT_MIN_TEXTURE = 0.2  # copies: 1st percentile 0.34; look-alike candidates: 99th percentile 0.09 (bench)
 DEFAULT_NEIGHBOURS = 12
 SEED = 0
 PAIR_COLUMNS = ["image_id_a", "image_id_b", "matches", "texture", "transform", "flip", "rotation_deg", "scale",
@@ -164,7 +164,8 @@ def distinctive_matches(found: Sequence[Keypoints], neighbours: int = DEFAULT_NE
                 if not first:
                     continue
                 ordered = list(first.values())
-                crowd = ordered[min(CROWD, len(ordered)) - 1].distance if len(ordered) >= CROWD else nearest[-1].distance
+                # fewer than CROWD other images within reach: the farthest descriptor looked up stands in
+                crowd = ordered[CROWD - 1].distance if len(ordered) >= CROWD else nearest[-1].distance
                 rows += [(int(owners[m.trainIdx]), query, m.trainIdx) for m in ordered[:CROWD - 1]
                          if m.distance < RATIO * crowd]
             if rows:
