@@ -286,7 +286,15 @@ def read_manifest(path: str | os.PathLike, check_files: bool = True) -> pd.DataF
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"manifest file not found: {path}")
-    df = read_table(path, "manifest")
+    raw = read_table(path, "manifest")  # checks the file; every cell as written
+    # the other columns with their types guessed, as the manifest has always been read (a `marker` column of
+    # 0/1 stays numbers, an `age` column ints); only the schema's text columns are forced to strings
+    df = pd.read_csv(path, dtype={"image_id": str, "patient_id": str, "label": str, "split": str},
+                     keep_default_na=False, encoding="utf-8-sig")
+    df.columns = raw.columns
+    for column in ("width", "height", "boxes"):
+        if column in raw.columns:
+            df[column] = raw[column]
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise ManifestError(f"{path}: lacks required column(s) {missing}; it has {list(df.columns)}")
