@@ -6,7 +6,7 @@ One idea per module:
 * :mod:`.checks`: input checks of the array-level metrics;
 * :mod:`.selection`: threshold and epoch selection, on the validation split only;
 * :mod:`.metrics`: binary and multi-class metrics, per run and split;
-* :mod:`.calibration`: reliability curves and expected calibration error;
+* :mod:`.calibration`: reliability curves, expected calibration error, Brier score, calibration slope and intercept;
 * :mod:`.figures`: ROC, reliability, confusion-matrix and learning-curve figures;
 * :mod:`.tables`: summaries over seeds, the results table, Markdown and LaTeX;
 * :mod:`.stats`: statistics for comparing scenarios (a package that imports nothing else from osteolib).
@@ -14,7 +14,12 @@ One idea per module:
 from __future__ import annotations
 
 from osteolib.evaluation import calibration, checks, figures, metrics, predictions, selection, stats, tables
-from osteolib.evaluation.calibration import expected_calibration_error, reliability_curve
+from osteolib.evaluation.calibration import (
+    calibration_measures,
+    calibration_table,
+    expected_calibration_error,
+    reliability_curve,
+)
 from osteolib.evaluation.figures import plot_confusion_matrix, plot_learning_curves, plot_reliability, plot_roc
 from osteolib.evaluation.metrics import (
     THRESHOLD_DEPENDENT,
@@ -78,6 +83,8 @@ __all__ = [
     "evaluate_runs",
     "reliability_curve",
     "expected_calibration_error",
+    "calibration_measures",
+    "calibration_table",
     "plot_confusion_matrix",
     "plot_roc",
     "plot_reliability",

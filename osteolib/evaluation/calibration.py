@@ -1,6 +1,8 @@
-"""Calibration: reliability curves and the expected calibration error, on the same equal-width bins."""
+"""Calibration: reliability curves and the expected calibration error (on the same equal-width bins), the Brier
+score and the logistic recalibration intercept and slope, with (patient) bootstrap CIs."""
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -75,3 +77,74 @@ def expected_calibration_error(y_true: Any, probs: Any, n_bins: int = 10) -> flo
     mean_confidence = np.bincount(ids, weights=confidence, minlength=n_bins)[filled] / counts[filled]
     frequency = np.bincount(ids, weights=outcome, minlength=n_bins)[filled] / counts[filled]
     return float(np.sum(counts[filled] / len(confidence) * np.abs(frequency - mean_confidence)))
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=float), 1e-6, 1 - 1e-6)  # a probability of exactly 0 or 1 has no logit
+    return np.log(p / (1 - p))
+
+
+def calibration_measures(y_true: Any, p: Any) -> dict[str, float]:
+    """Brier score, ECE, and the logistic recalibration of the positive class's probability (statsmodels GLM):
+
+    * calibration **intercept** (calibration-in-the-large): the intercept of ``logit P(y) = a + logit(p)``
+      (the predictions as an offset); 0 when the predictions are right on average, < 0 when too high;
+    * calibration **slope**: b in ``logit P(y) = a + b logit(p)``; 1 is ideal, < 1 means too extreme
+      predictions (overfitting), > 1 too timid.
+
+    NaN for a measure the data cannot give (one class only, or a perfectly separated sample).
+    """
+    import statsmodels.api as sm
+
+    y, p = binary_inputs(y_true, p, both_classes=False)
+    out = {"brier": float(np.mean((p - y) ** 2)), "ece": expected_calibration_error(y, p),
+           "calibration_intercept": np.nan, "calibration_slope": np.nan}
+    if len(np.unique(y)) < 2:
+        return out
+    logit = _logit(p)
+    family = sm.families.Binomial()
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # separation and convergence warnings: judged from the result below
+        try:
+            large = sm.GLM(y, np.ones((len(y), 1)), family=family, offset=logit).fit()
+            slope = sm.GLM(y, sm.add_constant(logit, has_constant="add"), family=family).fit()
+        except Exception:  # perfect separation in a tiny sample: no estimate rather than a wrong one
+            return out
+    if np.isfinite(large.params[0]):
+        out["calibration_intercept"] = float(large.params[0])
+    if np.isfinite(slope.params[1]) and abs(slope.params[1]) < 1e3:
+        out["calibration_slope"] = float(slope.params[1])
+    return out
+
+
+def calibration_table(y_true: Any, p: Any, groups: Any = None, n_boot: int = 500, alpha: float = 0.05,
+                      seed: int = 0) -> pd.DataFrame:
+    """:func:`calibration_measures` with percentile bootstrap CIs: one row per measure (measure, estimate,
+    ci_low, ci_high, n_boot_used, ci_method).
+
+    ``groups`` (e.g. patient ids, one per prediction) makes it a cluster bootstrap: patients are resampled, not
+    images, so several images of one patient do not claim a precision the data do not have. Resamples in which a
+    measure is undefined (one class only) are left out of that measure's interval and counted.
+    """
+    y, p = binary_inputs(y_true, p, both_classes=False)
+    estimate = calibration_measures(y, p)
+    units = np.arange(len(y)) if groups is None else pd.factorize(pd.Series(list(groups)).astype(str))[0]
+    if len(units) != len(y):
+        raise PredictionError(f"groups holds {len(units)} values for {len(y)} predictions")
+    members = [np.flatnonzero(units == u) for u in range(units.max() + 1)]
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {k: [] for k in estimate}
+    for _ in range(n_boot):
+        rows = np.concatenate([members[u] for u in rng.integers(0, len(members), len(members))])
+        for key, value in calibration_measures(y[rows], p[rows]).items():
+            if np.isfinite(value):
+                draws[key].append(value)
+    method = "patient cluster bootstrap" if groups is not None else "bootstrap"
+    table = []
+    for key, value in estimate.items():
+        values = np.asarray(draws[key])
+        low, high = (np.quantile(values, [alpha / 2, 1 - alpha / 2]) if len(values) >= 20 else (np.nan, np.nan))
+        table.append({"measure": key, "estimate": value, "ci_low": float(low), "ci_high": float(high),
+                      "n_boot_used": len(values), "ci_method": f"{method}, percentile" if len(values) >= 20
+                      else f"none: {len(values)} of {n_boot} resamples defined it"})
+    return pd.DataFrame(table)

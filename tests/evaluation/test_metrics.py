@@ -496,3 +496,28 @@ def test_each_run_gets_the_threshold_chosen_on_its_own_validation_rows():
         val = df[(df["seed"] == seed) & (df["split"] == "val")]
         expected = choose_threshold(val["target"].to_numpy(), val["prob_osteoporosis"].to_numpy())
         assert set(out.loc[out["seed"] == seed, "threshold"]) == {expected}  # test rows carry the val choice
+
+
+def test_calibration_slope_and_intercept_read_over_and_under_confidence():
+    from osteolib.evaluation import calibration_measures, calibration_table
+
+    rng = np.random.default_rng(0)
+    truth = rng.uniform(0.05, 0.95, 4000)
+    y = (rng.uniform(size=truth.size) < truth).astype(int)
+    logit = np.log(truth / (1 - truth))
+    calibrated = calibration_measures(y, truth)
+    assert abs(calibrated["calibration_slope"] - 1) < 0.1 and abs(calibrated["calibration_intercept"]) < 0.1
+    too_extreme = calibration_measures(y, 1 / (1 + np.exp(-2 * logit)))  # an overfitted model: slope ~ 0.5
+    assert abs(too_extreme["calibration_slope"] - 0.5) < 0.06
+    too_high = calibration_measures(y, 1 / (1 + np.exp(-(logit + 1))))  # every prediction 1 logit too high
+    assert abs(too_high["calibration_intercept"] + 1) < 0.1
+    assert calibrated["brier"] < too_extreme["brier"]
+    # CIs: the calibrated model's slope interval holds 1; with patient ids the patients are resampled
+    table = calibration_table(y, truth, n_boot=100).set_index("measure")
+    assert table.loc["calibration_slope", "ci_low"] < 1 < table.loc["calibration_slope", "ci_high"]
+    assert table.loc["brier", "ci_low"] < calibrated["brier"] < table.loc["brier", "ci_high"]
+    clustered = calibration_table(y, truth, groups=np.arange(y.size) // 200, n_boot=100).set_index("measure")
+    assert clustered.loc["brier", "ci_method"] == "patient cluster bootstrap, percentile"
+    # one class only: the recalibration is undefined, not invented
+    only = calibration_measures(np.ones(10, int), np.full(10, 0.7))
+    assert np.isnan(only["calibration_slope"]) and np.isclose(only["brier"], 0.09)
