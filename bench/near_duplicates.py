@@ -11,7 +11,7 @@ recompression at quality 60-95. Every file is its own patient in the manifest (a
 so only the detector can tie a copy to its original. Then runs :func:`find_copies` on the files and counts
 
 * pair recall: true pairs (two files of one source radiograph) reported, over all true pairs;
-* copy recall: copies tied to their original through reported pairs (what ``group_copies`` achieves);
+* copy recall: copies put in their original's patient group by ``group_copies`` over the reported true pairs;
 * false pairs: reported pairs of two different source radiographs, given two ways: the share of images involved
   in at least one false pair (the stricter one, the target is <= 1 %) and per distinct-source comparison.
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import platform
 import tempfile
 import time
@@ -34,6 +35,8 @@ from scipy import ndimage
 
 from osteolib.data import synthetic
 from osteolib.data.duplicates import DEFAULT_MIN_MATCHES, DEFAULT_MIN_TEXTURE, find_copies
+from osteolib.data.splits import group_copies
+from osteolib.utils import cpu_model
 
 
 def make_copy(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
@@ -100,20 +103,11 @@ def score(table: pd.DataFrame, pairs: pd.DataFrame) -> dict:
     distinct_comparisons = n * (n - 1) // 2 - true_pairs
     false = pairs[~same]
     in_false = set(false["image_id_a"]) | set(false["image_id_b"])
-    # Copy recall: union-find over the reported pairs, as group_copies does.
-    parent = {i: i for i in table["image_id"]}
-
-    def root(i: str) -> str:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for a, b in zip(pairs.loc[same, "image_id_a"], pairs.loc[same, "image_id_b"]):
-        parent[root(a)] = root(b)
+    # Copy recall: the true pairs joined into patient groups by group_copies, as notebook 00's `group` does
+    group = dict(zip(table["image_id"], group_copies(table, pairs[same])["patient_id"]))
     copies = table[table["copy"]]
     originals = dict(zip(table.loc[~table["copy"], "source"], table.loc[~table["copy"], "image_id"]))
-    tied = sum(root(i) == root(originals[s]) for i, s in zip(copies["image_id"], copies["source"]))
+    tied = sum(group[i] == group[originals[s]] for i, s in zip(copies["image_id"], copies["source"]))
     return {
         "images": n, "true_pairs": true_pairs, "true_pairs_found": int(same.sum()),
         "pair_recall": round(float(same.sum()) / max(true_pairs, 1), 4),
@@ -127,16 +121,6 @@ def score(table: pd.DataFrame, pairs: pd.DataFrame) -> dict:
         "fewest_true_matches": int(pairs.loc[same, "matches"].min()) if same.any() else None,
         "most_false_matches": int(false["matches"].max()) if len(false) else None,
     }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
@@ -161,7 +145,7 @@ def main() -> None:
         texture = DEFAULT_MIN_TEXTURE if args.min_texture is None else args.min_texture
         pairs = every[(every["matches"] >= threshold) & (every["texture"] >= texture)]
     result = {
-        "benchmark": "near_duplicates", "cpu": cpu_model(), "cpu_count": __import__("os").cpu_count(),
+        "benchmark": "near_duplicates", "cpu": cpu_model(), "cpu_count": os.cpu_count(),
         "python": platform.python_version(), "settings": {**vars(args), "min_matches": threshold, "min_texture": texture},
         "fixture_seconds": round(built, 2), "detector_seconds_including_decode": round(seconds, 2),
         **score(table, pairs),

@@ -22,6 +22,7 @@ import numpy as np
 from osteolib.data.duplicates import DEFAULT_MIN_MATCHES, DEFAULT_MIN_TEXTURE, find_copies
 from osteolib.data.sources import load_dataset
 from osteolib.paths import require_real_data_root
+from osteolib.utils import cpu_model
 
 
 def main() -> None:
@@ -39,7 +40,7 @@ def main() -> None:
     reported = (every["matches"] >= DEFAULT_MIN_MATCHES) & (every["texture"] >= DEFAULT_MIN_TEXTURE)
     between = every["patient_a"] != every["patient_b"]
     result = {
-        "benchmark": "near_duplicates_real", "cpu": _cpu(), "cpu_count": os.cpu_count(),
+        "benchmark": "near_duplicates_real", "cpu": cpu_model(), "cpu_count": os.cpu_count(),
         "python": platform.python_version(), "settings": vars(args),
         "min_matches": DEFAULT_MIN_MATCHES, "min_texture": DEFAULT_MIN_TEXTURE,
         "images": len(sample), "patients": int(sample["patient_id"].nunique()),
@@ -54,13 +55,6 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from osteolib.data import ImageCache, XrayDataset, crop_policy, read_audit, read
 from osteolib.data.synthetic.datasets import write_shoulder_dataset
 from osteolib.runs import open_run
 from osteolib.stages import predict
+from osteolib.utils import cpu_model
 
 TINY_RUN_PROFILE = """\
 name: bench_predict
@@ -57,16 +58,6 @@ steps:
     parameters: {{scenario: random, backbone: {backbone}, epochs: 1, batch_size: 16, warmup_epochs: 0,
                  base_lr: 0.02, layer_decay: null, randaug_magnitude: null{patch}}}
 """
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def make_tiny_run(backbone: str, size: int, root: Path) -> Path:

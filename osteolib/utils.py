@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import platform
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -40,6 +41,17 @@ def write_json(path: str | Path, payload: Any, indent: int = 2, sort_keys: bool 
     path = Path(path)
     path.write_text(json.dumps(to_json(payload), indent=indent, sort_keys=sort_keys) + "\n")
     return path
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo, else the platform's word for it): every measured figure names it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 @contextlib.contextmanager
