@@ -17,6 +17,7 @@ from scipy import stats
 
 from osteolib.data.io import read_xray
 from osteolib.data.manifest import ManifestError
+from osteolib.data.splits import copies_across_splits
 from osteolib.plotting import draw_boxes, draw_mask_outline, show_xray
 
 # the study's published normalisation, shown beside the measured one
@@ -196,8 +197,7 @@ def audit_summary(df: pd.DataFrame, cache, scan: pd.DataFrame, near_dups: pd.Dat
 
 
 def _copy_counts(df: pd.DataFrame, copies: pd.DataFrame, policy: str | None) -> dict[str, Any]:
-    split_of = dict(zip(df["image_id"].astype(str), df["split"].astype(str)))
-    crossing = sum(split_of.get(str(a)) != split_of.get(str(b)) for a, b in zip(copies["image_id_a"], copies["image_id_b"]))
+    crossing = len(copies_across_splits(df, copies))
     joined = (int(df["patient_id_original"].nunique() - df["patient_id"].nunique())
               if "patient_id_original" in df.columns else 0)
     return {"copy_policy": policy, "copy_pairs": int(len(copies)), "copy_pairs_across_splits": int(crossing),
