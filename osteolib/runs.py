@@ -125,6 +125,13 @@ class Run:
             f"run that one first (e.g. `osteo run --profile <name>` or `--from` an earlier step)."
         )
 
+    def find_optional(self, relative: str | os.PathLike) -> Path | None:
+        """:meth:`find`, or None when no run of the chain has the file (an output only some profiles write)."""
+        try:
+            return self.find(relative)
+        except FileNotFoundError:
+            return None
+
     def __str__(self) -> str:
         return str(self.path)
 
@@ -405,7 +412,11 @@ def environment_info() -> dict[str, Any]:
     for name in ("osteolib", "torch", "torchvision", "timm", "fastai", "pytorch_grad_cam", "numpy", "pandas",
                  "scikit-learn", "statsmodels", "papermill", "pydicom"):
         versions[name] = _version(name)
+    from osteolib.utils import cpu_model
+
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     return {"python": sys.version.split()[0], "platform": platform.platform(), "processor": platform.machine(),
+            "cpu_model": cpu_model(), "cpu_bf16": "avx512_bf16" in flags or "amx_bf16" in flags,
             "cpu_count": os.cpu_count(), "packages": versions, "git_commit": git_commit()}
 
 

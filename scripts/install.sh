@@ -16,4 +16,17 @@ VENV_PY="$(cd .venv/bin && pwd)/python"
 # Register the kernel with the venv's absolute interpreter path: a stray `python3` kernelspec elsewhere would
 # otherwise run the notebooks with another environment.
 "$VENV_PY" -m ipykernel install --sys-prefix --name osteolib --display-name "osteolib (.venv)" >/dev/null
+# The report's PDF is printed by a headless Chromium, and its test turns the PDF into page images with pdftoppm:
+# Debian's packages, installed here when they are missing and this runs as root with apt-get (CI does); elsewhere
+# the run still writes report.html and says how to get the PDF.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v pdftoppm >/dev/null 2>&1; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+        (apt-get install -y -qq chromium poppler-utils >/dev/null 2>&1 \
+            || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium poppler-utils >/dev/null 2>&1)) \
+            || echo "note: could not install chromium and poppler-utils; reports will have no PDF" >&2
+    else
+        echo "note: install chromium and poppler-utils (e.g. sudo apt-get install chromium poppler-utils) for the" \
+             "report's PDF; without them a run writes report.html only" >&2
+    fi
+fi
 echo "osteolib installed in $(pwd)/.venv (kernel 'osteolib' -> $VENV_PY)"

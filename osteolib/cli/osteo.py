@@ -62,10 +62,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from osteolib import runs
+from osteolib.cli.kernel import KERNEL_NAME, check_kernel
 from osteolib.cli.profiles import (NOTEBOOKS_DIR, Execution, Profile, ProfileError, check_profile, check_values,
                                    load_profile, parameters_for, resolve_paths)
 
-KERNEL_NAME = "osteolib"
 
 
 def _results_tables(run: runs.Run) -> None:
@@ -75,8 +75,21 @@ def _results_tables(run: runs.Run) -> None:
         print(f"osteo: {name}: {path}", flush=True)
 
 
+def _report(run: runs.Run) -> None:
+    from osteolib.cli.report import NOTEBOOK, export_run_report
+    from osteolib.report.export import free_stem
+
+    # the runner executed notebook 07 into notebooks/07_report.ipynb; its HTML and PDF take the name "report"
+    # unless an earlier report is there
+    notebook = run.path / "notebooks" / f"{NOTEBOOK}.ipynb"
+    stem = "report" if not any((run.path / f"report{x}").exists() for x in (".html", ".pdf")) else free_stem(run.path)
+    files = export_run_report(run, notebook, stem)
+    for line in files.summary().splitlines():
+        print(f"osteo: {line}", flush=True)
+
+
 # Collection steps a profile step may name with `after:`; each runs once all of the step's executions succeeded.
-AFTER_STEP = {"results_tables": _results_tables}
+AFTER_STEP = {"results_tables": _results_tables, "report": _report}
 
 
 class RunFailed(RuntimeError):
@@ -156,22 +169,6 @@ def select(profile: Profile, only: Sequence[str] | None = None, start: str | Non
                                f"(0..{len(executions) - 1}); `osteo list --profile {profile.name}` prints them")
         executions = [executions[cell]]
     return executions
-
-
-def check_kernel() -> None:
-    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
-
-    try:
-        spec = KernelSpecManager().get_kernel_spec(KERNEL_NAME)
-    except NoSuchKernel:
-        raise RuntimeError(
-            f"the Jupyter kernel {KERNEL_NAME!r} is not installed; register this environment's interpreter with\n"
-            f"  {sys.executable} -m ipykernel install --sys-prefix --name {KERNEL_NAME}\n(scripts/install.sh does it)"
-        ) from None
-    interpreter = Path(spec.argv[0])
-    if interpreter.is_absolute() and interpreter.resolve() != Path(sys.executable).resolve():
-        logging.getLogger(__name__).warning("kernel %r runs %s, not this interpreter %s", KERNEL_NAME, interpreter,
-                                            sys.executable)
 
 
 def execute(execution: Execution, run: runs.Run, log_output: bool = True) -> Path:
@@ -614,6 +611,7 @@ def parse_overrides(items: Sequence[str]) -> Overrides:
 COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("osteolib.cli.predict", "apply a trained model of a run to new X-rays"),
     "init": ("osteolib.cli.init", "write a profile for a folder of X-rays"),
+    "report": ("osteolib.cli.report", "(re)build the HTML and PDF report of a run folder"),
 }
 
 

@@ -46,7 +46,7 @@ from osteolib.evaluation.predictions import (
     validate_predictions,
     write_predictions,
 )
-from osteolib.evaluation.selection import THRESHOLD_METHODS, choose_threshold, select_epoch
+from osteolib.evaluation.selection import THRESHOLD_METHODS, choose_threshold, select_epoch, select_model
 from osteolib.evaluation.tables import format_mean_std, results_table, summarise_runs, to_latex, to_markdown
 
 __all__ = [
@@ -76,6 +76,7 @@ __all__ = [
     "read_predictions",
     "choose_threshold",
     "select_epoch",
+    "select_model",
     "binary_metrics",
     "multiclass_metrics",
     "roc_table",

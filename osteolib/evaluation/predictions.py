@@ -39,7 +39,7 @@ PROB_PREFIX = "prob_"
 PREDICTION_COLUMNS = ["image_id", "label", "target", "split", "scenario", "backbone", "seed", "fold"]
 OPTIONAL_COLUMNS = ["label_fraction"]
 RUN_COLUMNS = ["scenario", "backbone", "seed", "fold", "label_fraction"]
-SPLITS = ("val", "test")
+SPLITS = ("val", "test", "external")  # external: a data set evaluated after selection (notebook 00's external_test)
 PROB_SUM_TOLERANCE = 1e-4
 
 

@@ -72,3 +72,25 @@ def select_epoch(history_df: pd.DataFrame, metric: str = "valid_auc", mode: str 
     best = np.nanargmax(values) if mode == "max" else np.nanargmin(values)  # first (earliest) of tied epochs
     epochs = history_df["epoch"].to_numpy() if "epoch" in history_df.columns else history_df.index.to_numpy()
     return int(epochs[best])
+
+
+def select_model(metrics: pd.DataFrame, keys: tuple[str, ...] = ("backbone", "scenario")) -> pd.DataFrame:
+    """The grid's model chosen on VALIDATION AUC: the (backbone, scenario) with the highest mean validation AUC
+    over its seeds (at the largest label fraction), and within it the seed whose run has the highest one.
+
+    ``metrics`` is :func:`osteolib.evaluation.evaluate_runs`'s table (rows of every split; only ``split == "val"``
+    rows are read). Returns those val rows with columns ``mean_valid_auc`` (of the run's model) and ``selected``
+    (True for exactly one run). Ties go to the first in sorted order, so the choice is the same every time.
+    """
+    val = metrics[metrics["split"] == "val"].copy()
+    if val.empty or "auc" not in val.columns:
+        raise PredictionError("select_model needs validation rows with an AUC (evaluate_runs of val predictions)")
+    if "label_fraction" in val.columns:
+        val = val[val["label_fraction"] == val["label_fraction"].max()].copy()
+    keys = [k for k in keys if k in val.columns]
+    val["mean_valid_auc"] = val.groupby(keys, dropna=False)["auc"].transform("mean")
+    order = val.sort_values(["mean_valid_auc", "auc", *keys, "seed"],
+                            ascending=[False, False, *([True] * len(keys)), True], kind="mergesort")
+    val["selected"] = False
+    val.loc[order.index[0], "selected"] = True
+    return val.reset_index(drop=True)

@@ -59,10 +59,11 @@ from osteolib.explain.checks import (
     randomisation_verdict,
 )
 from osteolib.explain.faithfulness import DEFAULT_ROAD_PERCENTILES, FAITHFULNESS_METHODS, faithfulness
-from osteolib.explain.figures import overlay
+from osteolib.explain.figures import errors_figure, overlay
 from osteolib.explain.randomisation import cascade_units, map_similarity, randomise_parameters
 
 __all__ = [
+    "errors_figure",
     "cams",
     "targets",
     "CAM_METHODS",

@@ -55,3 +55,23 @@ def overlay(
     if title:
         ax.set_title(title, fontsize=9)
     return ax
+
+
+def errors_figure(images: Any, cams: Any, errors: Any, regions: Any = None, title: str = ""):
+    """One column per error of :func:`osteolib.evaluation.stats.confident_errors` (false positives first): the image
+    with its map, the expert region outlined where there is one, and the true label and positive probability."""
+    import matplotlib.pyplot as plt
+
+    n = len(errors)
+    if n == 0:
+        raise ValueError("no errors to show: the run called every image of the split correctly")
+    fig, axes = plt.subplots(1, n, figsize=(2.1 * n, 2.5), squeeze=False)
+    for k, row in enumerate(errors.itertuples()):
+        region = None if regions is None else np.asarray(regions[k]).squeeze() > 0
+        overlay(np.asarray(images[k]).squeeze(), cams[k], region=region if region is not None and region.any() else None,
+                ax=axes[0, k])
+        axes[0, k].set_title(f"{row.kind} #{row.rank}\ntrue {row.label}, p={row.prob_positive:.2f}", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -12,7 +12,12 @@ from pathlib import Path
 import pandas as pd
 
 from osteolib.evaluation import (
+    class_names,
     evaluate_runs,
+    run_columns,
+    select_model,
+    stats,
+    with_validation_thresholds,
     read_predictions,
     results_table,
     summarise_runs,
@@ -27,6 +32,7 @@ __all__ = [
     "SCENARIO_LABELS",
     "collect_results",
     "write_results_tables",
+    "roc_figure",
     "label_efficiency_table",
     "label_efficiency_figure",
 ]
@@ -45,15 +51,18 @@ SCENARIO_LABELS = {"random": "Random initialisation", "chest_mae": "Chest MAE",
 # Results of a run folder
 
 
-def collect_results(run: Run) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per-run test metrics and their summary (mean ± std over seeds) from this run's prediction files.
+def collect_results(run: Run, split: str = "test") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-run metrics of ``split`` (test, or external) and their summary (mean ± std over seeds) from this run's
+    prediction files.
 
     Each run's threshold is chosen on its own validation rows (:func:`osteolib.evaluation.evaluate_runs`);
     the summary groups by backbone, scenario and label fraction.
     """
-    predictions = read_predictions(run.predictions)
-    metrics = evaluate_runs(predictions)
-    per_run = metrics[metrics["split"] == "test"].reset_index(drop=True)
+    return _summarised(evaluate_runs(read_predictions(run.predictions)), split)
+
+
+def _summarised(metrics: pd.DataFrame, split: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    per_run = metrics[metrics["split"] == split].reset_index(drop=True)
     by = [c for c in ("backbone", "scenario", "label_fraction") if c in per_run.columns]
     summary = summarise_runs(per_run, by=by)
     order = _display_order(summary)
@@ -82,43 +91,53 @@ def _with_labels(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_results_tables(run: Run) -> dict[str, Path]:
-    """Write the run's result tables (and the label-efficiency figure when it has several label fractions).
+    """Write the run's result tables and figures, all from its prediction files. Returns the paths by name.
 
-    ``tables/results_runs.csv`` (test metrics of every run), ``tables/results_summary.csv``,
-    ``tables/table1.csv|md|tex`` (the study's Table 1: model, learning method, ACC and AUC as mean ± std over
-    seeds, at the largest label fraction present), and with several fractions
-    ``tables/label_efficiency.csv|md|tex`` (test AUC per fraction) and ``figures/label_efficiency.png|pdf``.
-    Returns the paths by name.
+    * ``tables/results_runs.csv`` (test metrics of every run), ``tables/results_summary.csv``, ``tables/table1.csv|md|tex``
+      (the study's Table 1: model, learning method, ACC and AUC as mean ± std over seeds, at the largest label
+      fraction present) and ``figures/roc_test.png|pdf`` (ROC curves per scenario);
+    * ``tables/selection.csv``: every run's validation AUC and the model chosen on it (:func:`select_model`) --
+      the model the report's calibration, subgroup and failure sections show;
+    * ``tables/subgroups.csv``: test (and external) results by sex, age band, view, source and site, where the
+      manifest has them (:func:`osteolib.evaluation.stats.subgroup_table`);
+    * with an external test set (notebook 00's ``external_test``): ``tables/results_external_runs.csv``,
+      ``tables/results_external_summary.csv``, ``tables/table1_external.csv|md`` and ``figures/roc_external.png|pdf``;
+    * with several label fractions: ``tables/label_efficiency.csv|md|tex`` and ``figures/label_efficiency.png|pdf``.
     """
+    import matplotlib.pyplot as plt
+
     from osteolib.plotting import save_figure
 
-    per_run, summary = collect_results(run)
+    predictions = read_predictions(run.predictions)
+    metrics = evaluate_runs(predictions)
     tables = run.tables
     paths: dict[str, Path] = {}
-    runs_out = per_run.copy()
-    for column in runs_out.columns:
-        if runs_out[column].map(lambda v: isinstance(v, (list, dict))).any():
-            runs_out[column] = runs_out[column].map(json.dumps)
-    paths["results_runs"] = tables / "results_runs.csv"
-    runs_out.to_csv(paths["results_runs"], index=False)
-    paths["results_summary"] = tables / "results_summary.csv"
-    summary.to_csv(paths["results_summary"], index=False)
+    splits = ["test"] + (["external"] if (predictions["split"] == "external").any() else [])
+    for split in splits:
+        per_run, summary = _summarised(metrics, split)
+        stem = "results" if split == "test" else "results_external"
+        paths[f"{stem}_runs"] = _write_csv(per_run, tables / f"{stem}_runs.csv")
+        paths[f"{stem}_summary"] = _write_csv(summary, tables / f"{stem}_summary.csv")
+        paths.update(_write_table1(summary, tables, "table1" if split == "test" else "table1_external",
+                                   tex=split == "test", what="Test" if split == "test" else "External test"))
+        figure = roc_figure(with_validation_thresholds(predictions), split)
+        for path in save_figure(figure, run.figures, f"roc_{split}"):
+            paths[f"roc_{split}_{path.suffix[1:]}"] = path
+        plt.close(figure)
+        if split == "test":
+            test_summary = summary
 
-    fractions = sorted(summary["label_fraction"].unique()) if "label_fraction" in summary.columns else [1.0]
-    full = summary[summary["label_fraction"] == fractions[-1]] if "label_fraction" in summary.columns else summary
-    table1 = results_table(_with_labels(full))
-    paths["table1"] = tables / "table1.csv"
-    table1.to_csv(paths["table1"], index=False)
-    paths["table1_md"] = tables / "table1.md"
-    to_markdown(table1, paths["table1_md"])
-    paths["table1_tex"] = tables / "table1.tex"
-    caption = "Test accuracy and AUC, mean ± standard deviation over seeds"
-    if len(fractions) > 1:
-        caption += f" ({fractions[-1]:.0%} of the training labels)"
-    to_latex(table1, paths["table1_tex"], caption=caption, label="tab:results")
+    selection = select_model(metrics).rename(columns={"auc": "valid_auc"})
+    keep = [c for c in (*run_columns(predictions), "valid_auc", "mean_valid_auc", "threshold", "selected")
+            if c in selection.columns]
+    paths["selection"] = _write_csv(selection[keep], tables / "selection.csv")
+    subgroups = _subgroup_results(run, predictions, splits)
+    if subgroups is not None:
+        paths["subgroups"] = _write_csv(subgroups, tables / "subgroups.csv")
 
+    fractions = sorted(test_summary["label_fraction"].unique()) if "label_fraction" in test_summary.columns else [1.0]
     if len(fractions) > 1:
-        efficiency = label_efficiency_table(summary)
+        efficiency = label_efficiency_table(test_summary)
         paths["label_efficiency"] = tables / "label_efficiency.csv"
         efficiency.to_csv(paths["label_efficiency"], index=False)
         paths["label_efficiency_md"] = tables / "label_efficiency.md"
@@ -126,13 +145,95 @@ def write_results_tables(run: Run) -> dict[str, Path]:
         paths["label_efficiency_tex"] = tables / "label_efficiency.tex"
         to_latex(efficiency, paths["label_efficiency_tex"], caption="Test AUC by share of training labels",
                  label="tab:label-efficiency")
-        import matplotlib.pyplot as plt
-
-        figure = label_efficiency_figure(summary)
+        figure = label_efficiency_figure(test_summary)
         for path in save_figure(figure, run.figures, "label_efficiency"):
             paths[f"label_efficiency_{path.suffix[1:]}"] = path
         plt.close(figure)
     return paths
+
+
+def _write_csv(table: pd.DataFrame, path: Path) -> Path:
+    out = table.copy()
+    for column in out.columns:
+        if out[column].map(lambda v: isinstance(v, (list, dict))).any():
+            out[column] = out[column].map(json.dumps)
+    out.to_csv(path, index=False)
+    return path
+
+
+def _write_table1(summary: pd.DataFrame, tables: Path, stem: str, tex: bool, what: str) -> dict[str, Path]:
+    fractions = sorted(summary["label_fraction"].unique()) if "label_fraction" in summary.columns else [1.0]
+    full = summary[summary["label_fraction"] == fractions[-1]] if "label_fraction" in summary.columns else summary
+    table1 = results_table(_with_labels(full))
+    paths = {stem: tables / f"{stem}.csv", f"{stem}_md": tables / f"{stem}.md"}
+    table1.to_csv(paths[stem], index=False)
+    to_markdown(table1, paths[f"{stem}_md"])
+    if tex:
+        caption = f"{what} accuracy and AUC, mean ± standard deviation over seeds"
+        if len(fractions) > 1:
+            caption += f" ({fractions[-1]:.0%} of the training labels)"
+        paths[f"{stem}_tex"] = tables / f"{stem}.tex"
+        to_latex(table1, paths[f"{stem}_tex"], caption=caption, label="tab:results")
+    return paths
+
+
+def _subgroup_results(run: Run, predictions: pd.DataFrame, splits: list[str]) -> pd.DataFrame | None:
+    """Results by subgroup for each split, from the manifest(s) the predicted images come from."""
+    from osteolib.data import read_manifest
+
+    manifests = {"test": run.find_optional("data/manifest.csv")}  # absent only in a folder of bare predictions
+    if manifests["test"] is None:
+        return None
+    if "external" in splits:
+        manifests["external"] = run.find("data/external_manifest.csv")
+    classes = class_names(predictions)
+    out = []
+    for split, path in manifests.items():
+        groups = stats.subgroup_columns(read_manifest(path, check_files=False))
+        if len(groups.columns) > 1:
+            out.append(stats.subgroup_table(with_validation_thresholds(predictions), groups, split=split,
+                                            positive=classes[-1]))
+    out = [t for t in out if len(t)]
+    return pd.concat(out, ignore_index=True) if out else None
+
+
+def roc_figure(predictions: pd.DataFrame, split: str = "test"):
+    """ROC curves of ``split``: one panel per backbone, one colour per scenario, one line per seed, each run's
+    validation-chosen operating point marked (the positive class is the last one)."""
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    rows = predictions[predictions["split"] == split]
+    positive = class_names(rows)[-1]
+    backbones = [b for b in BACKBONE_LABELS if b in set(rows["backbone"])] + \
+        sorted(set(rows["backbone"]) - set(BACKBONE_LABELS))
+    scenarios = [c for c in SCENARIOS if c in set(rows["scenario"])] + sorted(set(rows["scenario"]) - set(SCENARIOS))
+    colours = dict(zip(scenarios, plt.cm.tab10.colors))
+    fig, axes = plt.subplots(1, len(backbones), figsize=(4.3 * len(backbones), 4.3), squeeze=False)
+    for ax, backbone in zip(axes[0], backbones):
+        ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=0.8)
+        for scenario in scenarios:
+            runs = rows[(rows["backbone"] == backbone) & (rows["scenario"] == scenario)]
+            for k, (_, one) in enumerate(runs.groupby(run_columns(runs), sort=True)):
+                y = (one["label"].astype(str) == positive).to_numpy()
+                if y.all() or not y.any():
+                    continue
+                score = one[f"prob_{positive}"].to_numpy()
+                fpr, tpr, _ = roc_curve(y, score)
+                ax.plot(fpr, tpr, color=colours[scenario], linewidth=1.1, alpha=0.8,
+                        label=SCENARIO_LABELS.get(scenario, scenario) if k == 0 else None)
+                if "threshold" in one.columns and one["threshold"].notna().all():
+                    called = score >= float(one["threshold"].iloc[0])
+                    ax.plot((called & ~y).sum() / (~y).sum(), (called & y).sum() / y.sum(), "o", markersize=3,
+                            color=colours[scenario])
+        ax.set_title(f"{BACKBONE_LABELS.get(backbone, backbone)} · {split}", fontsize=10)
+        ax.set_xlabel("1 - specificity")
+        ax.set_ylabel("sensitivity")
+        ax.set_aspect("equal")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6.5, loc="lower right")
+    fig.tight_layout()
+    return fig
 
 
 def label_efficiency_table(summary: pd.DataFrame) -> pd.DataFrame:

@@ -60,7 +60,8 @@ from osteolib.evaluation import (
 )
 from osteolib.runs import Run
 # PRECISIONS and THRESHOLD_METHODS are imported so that they stay reachable here, as before the split.
-from osteolib.stages.finetune_config import MONITOR, PRECISIONS, THRESHOLD_METHODS, FinetuneConfig, run_name
+from osteolib.stages.finetune_config import (MONITOR, PRECISIONS, THRESHOLD_METHODS, FinetuneConfig, run_name,
+                                             run_name_of)
 from osteolib.stages.finetune_inputs import (
     FinetuneInputs,
     build_model,
@@ -78,6 +79,7 @@ __all__ = [
     "soft_cross_entropy",
     "auc_metric",
     "run_name",
+    "run_name_of",
     "label_fraction_subset",
     "use_stage_layer_decay",
     "classifier_architecture",
@@ -201,13 +203,17 @@ class FinetuneResult:
     precision: str = "fp32"
     train_images_per_s: float | None = None
     seconds: float = 0.0
+    external_metrics: dict[str, Any] | None = None
 
 
 def finetune(run: Run, config: FinetuneConfig, manifest: pd.DataFrame, cache: Any, mean: float, std: float,
-             classes: Sequence[str] | None = None, quiet: bool = False, resume: bool = False) -> FinetuneResult:
+             classes: Sequence[str] | None = None, quiet: bool = False, resume: bool = False,
+             external: tuple[pd.DataFrame, Any] | None = None) -> FinetuneResult:
     """Fine-tune one run, select on validation, predict test once, and write its files into ``run``.
 
-    Files: ``predictions/<name>.csv`` (val rows of the selected checkpoint + test rows),
+    ``external`` (the external test set's manifest and its image cache, notebook 00's ``external_test``) is
+    predicted once too, after selection, at the same validation-chosen threshold; its rows have split "external".
+    Files: ``predictions/<name>.csv`` (val rows of the selected checkpoint + test rows [+ external rows]),
     ``logs/<name>-history.csv`` (per epoch), ``logs/<name>-summary.json`` (choices and metrics), and the
     training folder ``checkpoints/finetune/<name>/`` (``best.pt`` = the selected weights). ``classes`` fixes
     the class order (binary: ``classes[1]`` is positive); default sorted label names. ``resume`` continues
@@ -224,6 +230,15 @@ def finetune(run: Run, config: FinetuneConfig, manifest: pd.DataFrame, cache: An
     if absent:
         raise KeyError(f"{len(absent)} val/test image ids are not in the cache (first: {absent[:5]}); build the cache "
                        f"from the same manifest")
+    if external is not None:
+        absent = [i for i in external[0]["image_id"].astype(str) if i not in external[1].index]
+        if absent:
+            raise KeyError(f"{len(absent)} external test image ids are not in its cache (first: {absent[:5]}); build "
+                           f"the cache from the external manifest")
+        unknown = sorted(set(external[0]["label"].astype(str)) - set(inputs.classes))
+        if unknown:
+            raise ValueError(f"the external test set has label(s) {unknown} outside the classes {inputs.classes}; "
+                             f"map them in notebook 00's external_test label_map")
     model, classes = inputs.model, inputs.classes
     if not quiet:
         if inputs.load_report is not None:
@@ -265,7 +280,17 @@ def finetune(run: Run, config: FinetuneConfig, manifest: pd.DataFrame, cache: An
                                batch_size=2 * config.batch_size, precision=fitted.precision)
     test_labels = [classes[t] for t in inputs.test_targets]
     test_table = prediction_table(inputs.test_ids, test_labels, test_probs, classes, "test", **identifiers)
-    write_predictions(pd.concat([val_table, test_table], ignore_index=True), predictions_path)
+    tables = [val_table, test_table]
+    external_metrics = None
+    if external is not None:
+        external_manifest, external_cache = external
+        external_ids = external_manifest["image_id"].astype(str).tolist()
+        external_probs = predict_probs(model, external_cache, external_ids, config.image_size, mean, std,
+                                       batch_size=2 * config.batch_size, precision=fitted.precision)
+        tables.append(prediction_table(external_ids, external_manifest["label"].astype(str).tolist(), external_probs,
+                                       classes, "external", **identifiers))
+        external_metrics = evaluate(tables[-1], threshold=threshold)
+    write_predictions(pd.concat(tables, ignore_index=True), predictions_path)
 
     val_metrics = evaluate(val_table, threshold=threshold)
     test_metrics = evaluate(test_table, threshold=threshold)
@@ -279,12 +304,14 @@ def finetune(run: Run, config: FinetuneConfig, manifest: pd.DataFrame, cache: An
         valid_auc=float(fitted.best_value), threshold=threshold, val_metrics=val_metrics, test_metrics=test_metrics,
         predictions_path=predictions_path, history_path=history_path, summary_path=logs / f"{name}-summary.json",
         out_dir=out_dir, classes=classes, counts=inputs.counts(), load_report=inputs.load_report,
-        precision=fitted.precision.name, train_images_per_s=images_per_s, seconds=time.perf_counter() - started)
+        precision=fitted.precision.name, train_images_per_s=images_per_s, seconds=time.perf_counter() - started,
+        external_metrics=external_metrics)
     _write_summary(result, inputs)
     if not quiet:
         at = f" at threshold {threshold:.3f} (val {config.threshold_method})" if threshold is not None else ""
         print(f"[{name}] selected epoch {result.chosen_epoch} (valid AUC {result.valid_auc:.3f}); test AUC "
-              f"{test_metrics['auc']:.3f}, accuracy {test_metrics['accuracy']:.3f}{at}; {result.seconds:.0f} s")
+              f"{test_metrics['auc']:.3f}, accuracy {test_metrics['accuracy']:.3f}{at}; {result.seconds:.0f} s"
+              + (f"; external test AUC {external_metrics['auc']:.3f}" if external_metrics else ""))
     return result
 
 
@@ -297,6 +324,7 @@ def _write_summary(result: FinetuneResult, inputs: FinetuneInputs) -> None:
                       "valid_auc": result.valid_auc},
         "threshold": {"value": result.threshold, "method": result.config.threshold_method, "split": "val"},
         "val_metrics": result.val_metrics, "test_metrics": result.test_metrics, "counts": result.counts,
+        "external_metrics": result.external_metrics,
         "init_checkpoint": str(inputs.checkpoint) if inputs.checkpoint else None,
         "architecture": inputs.architecture,
         "init_report": result.load_report.summary() if result.load_report is not None else None,

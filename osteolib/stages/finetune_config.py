@@ -179,4 +179,9 @@ def is_number(value: Any) -> bool:
 
 def run_name(config: FinetuneConfig) -> str:
     """The run's name, used for its prediction file, history and training folder."""
-    return f"{config.scenario}-{config.backbone}-seed{config.seed}-frac{float(config.label_fraction)}"
+    return run_name_of(config.scenario, config.backbone, config.seed, config.label_fraction)
+
+
+def run_name_of(scenario: str, backbone: str, seed: int, label_fraction: float = 1.0) -> str:
+    """:func:`run_name` from the identifiers a prediction table or ``tables/selection.csv`` holds."""
+    return f"{scenario}-{backbone}-seed{int(seed)}-frac{float(label_fraction)}"

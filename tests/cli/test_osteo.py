@@ -207,9 +207,12 @@ def test_run_profile_with_jobs_runs_steps_in_order_and_collects_after_all_cells(
     monkeypatch.setattr(runner, "execute_pinned", lambda e, run, slot: events.append((e.notebook, e.name, slot)))
     monkeypatch.setattr(runner, "execute", lambda *a, **k: pytest.fail("--jobs 2 must not run the sequential path"))
     monkeypatch.setitem(runner.AFTER_STEP, "results_tables", lambda run: events.append(("after", len(events))))
+    monkeypatch.setitem(runner.AFTER_STEP, "report", lambda run: events.append(("report", len(events))))
     profile = load_profile("smoke")
     expected = [e.name for e in select(profile, start="03")]
     run = run_profile(profile, start="03", parent=tmp_path, runs_dir=tmp_path / "runs", log_output=False, jobs=2)
+    assert events[-1][0] == "report" and events[-2][0] == profile.notebooks[-1]  # the report after its notebook
+    events = events[:-1]
     names = [e[1] for e in events if e[0] != "after"]
     assert sorted(names) == sorted(expected)
     # steps in order: every 03 cell before any 04 cell, the collection after all 04 cells and before 05

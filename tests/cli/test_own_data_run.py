@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -34,7 +35,13 @@ def target_spec(lab, layout: str) -> str:
             f"patient_column: patient, view_column: view, regions: {{boxes: '{lab.boxes}'}}}}")
 
 
-def profile(tmp: Path, name: str, lab, layout: str, policy: str, later_steps: str = "") -> Path:
+# a second synthetic hospital as the external test set of the label-table run (its report shows it beside the
+# internal test)
+EXTERNAL = "{dataset: synthetic_shoulder, options: {n_patients: 24, size: 64, difficulty: 0.3, seed: 2, site: ext}}"
+
+
+def profile(tmp: Path, name: str, lab, layout: str, policy: str, later_steps: str = "",
+            external_test: str | None = None) -> Path:
     path = tmp / f"{name}.yaml"
     path.write_text(textwrap.dedent(f"""\
         name: {name}
@@ -46,7 +53,8 @@ def profile(tmp: Path, name: str, lab, layout: str, policy: str, later_steps: st
               classes: [normal, osteoporosis]
               near_duplicates: {policy}
               split_seed: 1
-        """) + textwrap.indent(textwrap.dedent(later_steps), "  "))
+        """) + (f"      external_test: {external_test}\n" if external_test else "")
+        + textwrap.indent(textwrap.dedent(later_steps), "  "))
     return path
 
 
@@ -74,6 +82,8 @@ WHOLE_SEQUENCE = f"""\
                  max_faithfulness_images: 2, confounder_check: false}}
   - notebook: 06_image_text
     parameters: {{scenario: chest_mae, align_epochs: 1, epochs: 1, batch_size: 16}}
+  - notebook: 07_report
+    after: report
 """
 
 
@@ -131,7 +141,8 @@ def test_the_folder_goes_through_00_to_06_with_its_copies_grouped(lab, grouped_r
     assert sorted(p.stem for p in (run / "predictions").glob("*.csv")) == [
         "chest_mae+rotation-densenet121-seed0-frac1.0", "random-densenet121-seed0-frac1.0"]
     executed = sorted(p.name[:2] for p in (run / "notebooks").glob("*.ipynb"))
-    assert executed == ["00", "01", "02", "03", "04", "04", "05", "06"]
+    assert executed == ["00", "01", "02", "03", "04", "04", "05", "06", "07"]
+    assert (run / "report.html").is_file()
     agreement = pd.read_csv(run / "tables" / "05_agreement_per_image.csv")
     assert len(agreement) > 0  # the lab's box table reached 05's agreement with experts
     assert (run / "tables" / "05_significance_patient_level.csv").is_file()  # grouped copies: patient-level tests
@@ -158,15 +169,24 @@ def test_predict_on_the_runs_test_images_gives_04s_probabilities(grouped_run, tm
     assert table.loc[table["file"] == str(broken), "status"].item() != "ok"
 
 
-def test_the_same_images_from_a_label_table(lab, grouped_run, tmp_path):
-    # the csv layout of the same lab (same seed): the same images, patients and copies, read from labels.csv
-    table_lab = write_lab_folder(tmp_path / "xrays", n_patients=40, size=256, copy_fraction=0.2, n_dicom=3, seed=5,
+@pytest.fixture(scope="module")
+def table_run(tmp_path_factory) -> Path:
+    """The csv layout of the same lab (same seed): the same images, patients and copies, read from labels.csv;
+    the whole sequence again, 06 reading the table's own reports, with an external test set. OSTEO_TEST_TABLE_RUN
+    reuses a run made earlier."""
+    if os.environ.get("OSTEO_TEST_TABLE_RUN"):
+        return Path(os.environ["OSTEO_TEST_TABLE_RUN"])
+    tmp = tmp_path_factory.mktemp("own_table")
+    table_lab = write_lab_folder(tmp / "xrays", n_patients=40, size=256, copy_fraction=0.2, n_dicom=3, seed=5,
                                  layout="csv")
-    # the whole sequence again, 06 reading the table's own reports
     later = WHOLE_SEQUENCE.replace("LAB", str(table_lab.root)).replace(
         "{scenario: chest_mae, align_epochs: 1", "{scenario: chest_mae, text_column: report, align_epochs: 1")
-    path = profile(tmp_path, "own_table", table_lab, "csv", "group", later)
-    run = run_profile(str(path), runs_dir=tmp_path / "runs", log_output=False).path
+    path = profile(tmp, "own_table", table_lab, "csv", "group", later, external_test=EXTERNAL)
+    return run_profile(str(path), runs_dir=tmp / "runs", log_output=False).path
+
+
+def test_the_same_images_from_a_label_table(grouped_run, table_run):
+    run = table_run
     from_table = read_manifest(run / "data" / "manifest.csv")
     from_folders = read_manifest(grouped_run / "data" / "manifest.csv")
     assert {"age", "sex", "site", "report"} <= set(from_table.columns)  # the table's extra columns are kept
@@ -176,3 +196,100 @@ def test_the_same_images_from_a_label_table(lab, grouped_run, tmp_path):
     assert len(list((run / "predictions").glob("*.csv"))) == 2
     texts = pd.read_csv(run / "tables" / "06_pairs.csv")
     assert texts["text"].str.endswith(("density, intact cortex.", "thin cortex.")).all()  # the reports, not rules
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The run's report, read as a person reads it (issue 17): opened in a real headless browser, printed to pages
+
+
+def browser_or_skip() -> str:
+    from osteolib.report.export import find_browser
+
+    browser = find_browser()
+    if browser is None or shutil.which("pdftoppm") is None:
+        if os.geteuid() == 0:  # scripts/install.sh installs both as root: their absence is a broken install
+            pytest.fail("no chromium or pdftoppm although scripts/install.sh runs as root; rerun it")
+        pytest.skip("the report's browser test needs chromium and pdftoppm (apt-get install chromium poppler-utils)")
+    return browser
+
+
+def open_in_browser(html: Path, screenshot: Path, browser: str) -> dict:
+    """Load the page in headless Chromium; what went wrong, and each image's loaded size."""
+    from playwright.sync_api import sync_playwright
+
+    problems: list[str] = []
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=browser, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        page = chromium.new_page(viewport={"width": 1200, "height": 900})
+        page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+        page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+        page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
+        page.goto(html.as_uri(), wait_until="load")
+        images = page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
+        headings = page.evaluate("Array.from(document.querySelectorAll('h2')).map(h => h.innerText)")
+        text = page.evaluate("document.body.innerText")
+        page.screenshot(path=str(screenshot), full_page=True)
+        chromium.close()
+    return {"problems": problems, "images": images, "headings": headings, "text": text}
+
+
+def test_the_report_opens_in_a_browser_with_every_figure_and_prints_to_pages(table_run, tmp_path):
+    from osteolib.report import sections
+    from osteolib.runs import Run
+
+    browser = browser_or_skip()
+    run = table_run
+    html, pdf = run / "report.html", run / "report.pdf"
+    assert html.is_file() and pdf.is_file(), sorted(p.name for p in run.iterdir())
+    shots = Path(os.environ.get("OSTEO_REPORT_SHOTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    seen = open_in_browser(html, shots / "report-page.png", browser)
+    assert seen["problems"] == [], seen["problems"]
+    # every figure the sections point at is in the page, and loaded
+    inputs = sections.ReportInputs(Run(run))
+    figures = [b for f in (sections.overview, sections.data_and_flow, sections.discrimination, sections.calibration,
+                           sections.subgroups, sections.external_validation, sections.explanations,
+                           sections.reproducibility, sections.checklist) for b in f(inputs) if isinstance(b, Path)]
+    assert len(seen["images"]) == len(figures) >= 7, (seen["images"], figures)
+    assert all(complete and width > 50 and height > 50 for complete, width, height in seen["images"])
+    assert [h.split(" · ")[0].strip() for h in seen["headings"]] == [str(k) for k in range(1, 9)], seen["headings"]
+    # numbers come from the run's tables: Table 1, the external set, the subgroups by sex / age band / site
+    table1 = pd.read_csv(run / "tables" / "table1.csv")
+    assert all(value in seen["text"] for value in table1.iloc[:, -1].astype(str)), table1
+    external = pd.read_csv(run / "tables" / "results_external_summary.csv")
+    assert f"{external['auc_mean'].iloc[0]:.3f}" in seen["text"]
+    subgroups = pd.read_csv(run / "tables" / "subgroups.csv")
+    assert {"sex", "age_band", "site"} <= set(subgroups["variable"])
+    assert "Failure analysis" in seen["text"] and "for the authors" in seen["text"]
+    # the PDF has its pages, none of them blank
+    import subprocess
+
+    from PIL import Image
+
+    subprocess.run(["pdftoppm", "-r", "40", "-png", str(pdf), str(shots / "report-pdf")], check=True)
+    pages = sorted(shots.glob("report-pdf*.png"))
+    assert len(pages) >= 5, pages
+    assert all(np.asarray(Image.open(p).convert("L")).std() > 5 for p in pages)
+
+
+def test_osteo_report_rebuilds_beside_the_first_and_names_a_missing_table(table_run, tmp_path, capsys):
+    browser_or_skip()
+    # a copy of the run's results (not its checkpoints) to rebuild from
+    copy = tmp_path / table_run.name
+    for name in ("run.json", "data", "tables", "figures", "notebooks"):
+        source = table_run / name
+        (shutil.copytree if source.is_dir() else shutil.copy2)(source, copy / name)
+    first = (table_run / "report.html").read_bytes()
+    shutil.copy2(table_run / "report.html", copy / "report.html")
+    assert main(["report", str(copy), "--no-pdf"]) == 0
+    assert (copy / "report-2.html").is_file() and (copy / "report.html").read_bytes() == first  # never replaced
+    info = json.loads((copy / "run.json").read_text())
+    assert [r["html"] for r in info["reports"]][-1] == "report-2.html"
+    (copy / "tables" / "00_partitions.csv").unlink()
+    capsys.readouterr()
+    assert main(["report", str(copy), "--no-pdf"]) == 1
+    error = capsys.readouterr().err
+    assert "tables/00_partitions.csv" in error and "00_data_audit" in error, error
+    assert not (copy / "report-3.html").exists()

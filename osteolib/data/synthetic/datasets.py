@@ -145,13 +145,15 @@ def _shoulder_job(out_dir: str, settings: ShoulderSettings, k: int, label: str, 
     for j, view in enumerate(views):
         sample = shoulder_radiograph(child_rng(settings.seed, k, j), settings.size, view=view, marker=marker,
                                      patient=patient)
-        image_id = f"shoulder-{k:05d}-{view.lower()}"
+        site = f"{settings.site}-" if settings.site else ""
+        image_id = f"shoulder-{site}{k:05d}-{view.lower()}"
         image_path = Path(out_dir) / "images" / f"{image_id}.png"
         mask_path = Path(out_dir) / "masks" / f"{image_id}.png"
         _save_png(_to_uint8(sample.image), image_path)
         _save_png(sample.mask * np.uint8(255), mask_path)
         row = {"image_id": image_id, "path": str(image_path.resolve()), "label": label,
-               "patient_id": f"shoulder-p{k:05d}", "view": view, "source": SHOULDER_SOURCE, "split": split,
+               "patient_id": f"shoulder-{site}p{k:05d}", "view": view,
+               "source": f"{SHOULDER_SOURCE}-{settings.site}" if settings.site else SHOULDER_SOURCE, "split": split,
                "width": settings.size, "height": settings.size, "boxes": [sample.box],
                "mask_path": str(mask_path.resolve()), "side": patient.side, "marker": sample.marker}
         out.append((row, {"image_id": image_id, "patient_id": row["patient_id"], "split": split,
@@ -189,7 +191,7 @@ def write_chest_dataset(out_dir: str | os.PathLike, n_images: int = 600, seed: i
 def write_shoulder_dataset(out_dir: str | os.PathLike, n_patients: int = 270, seed: int = 0, size: int = 256,
                            difficulty: float = 0.5, confounder: float = 0.0,
                            classes: Sequence[str] = DEFAULT_CLASSES,
-                           ratios: Sequence[float] = DEFAULT_RATIOS, workers: int | None = None) -> Path:
+                           ratios: Sequence[float] = DEFAULT_RATIOS, site: str = "", workers: int | None = None) -> Path:
     """Write shoulder-like radiographs (1-2 views per patient) with evidence masks; return manifest.csv's path.
 
     Writes ``images/<image_id>.png``, ``masks/<image_id>.png`` (0/255), ``manifest.csv`` (split
@@ -198,7 +200,7 @@ def write_shoulder_dataset(out_dir: str | os.PathLike, n_patients: int = 270, se
     ``workers`` (processes; None = all cores for big jobs) never changes the result.
     """
     settings = ShoulderSettings(n_patients=n_patients, seed=seed, size=size, difficulty=difficulty,
-                                confounder=confounder, classes=tuple(classes), ratios=tuple(ratios))
+                                confounder=confounder, classes=tuple(classes), ratios=tuple(ratios), site=site)
     workers = _resolve_workers(workers, settings.n_patients)
     out_dir = Path(out_dir)
     for folder in ("images", "masks"):
@@ -236,6 +238,8 @@ _KINDS = {"chest": (ChestSettings, write_chest_dataset), "shoulder": (ShoulderSe
 
 def _settings_payload(settings: ChestSettings | ShoulderSettings) -> dict[str, Any]:
     payload = asdict(settings)
+    if payload.get("site") == "":
+        del payload["site"]  # the default site keeps the folder names (hashes) data sets had before sites existed
     return {k: list(v) if isinstance(v, tuple) else v for k, v in payload.items()}
 
 

@@ -4,6 +4,8 @@
 """
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,10 +96,16 @@ class ShoulderSettings:
     confounder: float = 0.0
     classes: tuple[str, ...] = DEFAULT_CLASSES
     ratios: tuple[float, float, float] = DEFAULT_RATIOS
+    # another hospital: its name goes into the source ("synthetic-shoulder-<site>") and the patient ids, so a second
+    # synthetic set can serve as an external test set (empty: the default site, ids as before)
+    site: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "seed", as_int("seed", self.seed, 0))
         object.__setattr__(self, "size", as_int("size", self.size, MIN_SIZE))
+        if not isinstance(self.site, str) or not re.fullmatch(r"[A-Za-z0-9_]*", self.site):
+            raise ValueError(f"site must be letters, digits or '_' (it becomes part of file and patient names); "
+                             f"got {self.site!r}")
         object.__setattr__(self, "difficulty", as_unit("difficulty", self.difficulty))
         object.__setattr__(self, "confounder", as_unit("confounder", self.confounder))
         object.__setattr__(self, "classes", as_classes(self.classes))

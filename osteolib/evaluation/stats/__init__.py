@@ -24,7 +24,7 @@ One idea per module: :mod:`.intervals` (Wilson, bootstrap), :mod:`.delong`, :mod
 (Holm), :mod:`.clusters` (the patient cluster bootstrap), :mod:`.patients` (predictions averaged per patient),
 :mod:`.patient_tables` (per-run results and paired tests that count patients, not images), :mod:`.classes`
 (per-class one-vs-rest and macro AUCs, confusion counts), :mod:`.views` (a run of a prediction table as the tests see it), :mod:`.comparisons` (per-run table and
-paired comparisons), :mod:`.summary` (the comparisons in words) and :mod:`.mixed` (models across seeds and images).
+paired comparisons), :mod:`.summary` (the comparisons in words), :mod:`.subgroups` (results by sex, age band, view, source, site), :mod:`.errors` (a run's most confident errors) and :mod:`.mixed` (models across seeds and images).
 Everything the single ``stats`` module offered is re-exported here, so attribute use such as ``stats.delong_auc(...)``
 keeps working.
 """
@@ -34,6 +34,7 @@ from osteolib.evaluation.stats.classes import MACRO, class_auc_table, confusion_
 from osteolib.evaluation.stats.clusters import ClusterBootstrapResult, cluster_bootstrap_ci, one_per_cluster
 from osteolib.evaluation.stats.comparisons import COMPARISON_COLUMNS, auc_table, compare_scenarios
 from osteolib.evaluation.stats.delong import AUCResult, PairedResult, delong_auc, delong_paired, rank_auc
+from osteolib.evaluation.stats.errors import confident_errors
 from osteolib.evaluation.stats.intervals import BootstrapResult, bootstrap_ci, critical_z, wilson_ci
 from osteolib.evaluation.stats.mcnemar import MCNEMAR_EXACT_BELOW, McNemarResult, mcnemar_paired
 from osteolib.evaluation.stats.mixed import FEW_GROUPS, ModelResult, agreement_model, mixed_model
@@ -41,6 +42,8 @@ from osteolib.evaluation.stats.multiple import HolmResult, holm
 from osteolib.evaluation.stats.patient_tables import compare_patients, patient_auc_table
 from osteolib.evaluation.stats.patients import (PATIENT_COLUMN, images_per_patient, patient_predictions,
                                                 with_patients)
+from osteolib.evaluation.stats.subgroups import (AGE_BANDS, MIN_PER_CLASS, SUBGROUP_COLUMNS, age_bands,
+                                                auc_heterogeneity, subgroup_columns, subgroup_table)
 from osteolib.evaluation.stats.summary import significance_summary
 from osteolib.evaluation.stats.views import DEFAULT_THRESHOLD, PROB_PREFIX, RUN_KEYS
 
@@ -79,6 +82,14 @@ __all__ = [
     "HolmResult",
     "holm",
     "significance_summary",
+    "confident_errors",
+    "AGE_BANDS",
+    "MIN_PER_CLASS",
+    "SUBGROUP_COLUMNS",
+    "age_bands",
+    "auc_heterogeneity",
+    "subgroup_columns",
+    "subgroup_table",
     "DEFAULT_THRESHOLD",
     "PROB_PREFIX",
     "RUN_KEYS",

@@ -1,0 +1,368 @@
+"""The sections of a run's report (notebook 07), each read from the run folder's own tables and figures.
+
+Nothing here recomputes a number a stage wrote: every value comes from a file in ``tables/``, ``figures/``,
+``data/`` or ``run.json`` (one source of truth). A section returns a list of blocks -- Markdown strings, tables
+(DataFrames) and figure paths -- that :func:`show` displays. A file the report needs from a stage the run executed
+but that is missing stops the report with :class:`MissingReportInput`, naming the file and the notebook that
+writes it; a stage the profile did not run is said in words instead.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+from osteolib.report.checklist import ITEMS, checklist_table
+from osteolib.report.results import BACKBONE_LABELS, SCENARIO_LABELS
+from osteolib.runs import Run
+
+__all__ = ["MissingReportInput", "ReportInputs", "show", "overview", "data_and_flow", "discrimination",
+           "calibration", "subgroups", "external_validation", "explanations", "reproducibility", "checklist"]
+
+Block = Any  # str (Markdown) | pd.DataFrame | Path (a figure)
+
+
+class MissingReportInput(FileNotFoundError):
+    """A table or figure the report needs is not in the run folder (or its parents)."""
+
+
+@dataclass
+class ReportInputs:
+    """The run folder as the report reads it."""
+
+    run: Run
+
+    def __post_init__(self) -> None:
+        self.info = self.run.info()
+        if not self.info:
+            raise MissingReportInput(f"{self.run.path}: no run.json; the report reads a run folder made by `osteo run`")
+        self.notebooks = self._notebooks()
+
+    def _notebooks(self) -> set[str]:
+        """The notebooks this run and its parents executed (or planned to)."""
+        names: set[str] = set()
+        current: Run | None = self.run
+        while current is not None:
+            names |= {str(e.get("notebook")) for e in current.info().get("plan", [])}
+            current = current.parent
+        return names
+
+    def ran(self, notebook: str) -> bool:
+        """Whether the run's plan holds notebook ``notebook`` (a name or number prefix, e.g. "05")."""
+        return any(name.startswith(notebook) for name in self.notebooks)
+
+    def path(self, relative: str, stage: str) -> Path:
+        try:
+            return self.run.find(relative)
+        except FileNotFoundError:
+            raise MissingReportInput(
+                f"the report needs {relative}, which notebook {stage} writes, but it is not in {self.run.path} (or "
+                f"its parents): that notebook did not finish, or ran with an older osteolib. Rerun it (`osteo run "
+                f"--from {stage[:2]} --parent {self.run.path}`), then the report (`osteo report <new run>`)") from None
+
+    def optional(self, relative: str) -> Path | None:
+        return self.run.find_optional(relative)
+
+    def table(self, relative: str, stage: str) -> pd.DataFrame:
+        return pd.read_csv(self.path(relative, stage))
+
+    def text(self, relative: str, stage: str) -> str:
+        return self.path(relative, stage).read_text().strip()
+
+    def audit(self) -> dict[str, Any]:
+        return json.loads(self.path("data/audit.json", "00_data_audit").read_text())
+
+    def glob(self, pattern: str) -> list[Path]:
+        """Files matching ``pattern`` in the run and its parents (the run's own first, by name)."""
+        found: dict[str, Path] = {}
+        current: Run | None = self.run
+        while current is not None:
+            for p in sorted(current.path.glob(pattern)):
+                found.setdefault(p.name, p)
+            current = current.parent
+        return list(found.values())
+
+    def selected(self) -> pd.Series:
+        """The model chosen on validation AUC (``tables/selection.csv``, written after notebook 04)."""
+        selection = self.table("tables/selection.csv", "04_finetune (its results_tables step)")
+        return selection[selection["selected"].astype(bool)].iloc[0]
+
+    def selected_name(self) -> str:
+        best = self.selected()
+        return f"{best['scenario']}-{best['backbone']}-seed{int(best['seed'])}-frac{float(best.get('label_fraction', 1.0))}"
+
+
+def show(blocks: Iterable[Block]) -> None:
+    """Display a section's blocks in the notebook (figures embedded, so the HTML export carries them)."""
+    from IPython.display import Image, Markdown, display
+
+    for block in blocks:
+        if isinstance(block, Path):
+            display(Image(filename=str(block)))
+        elif isinstance(block, pd.DataFrame):
+            display(block.style.hide(axis="index").format(precision=3, na_rep="-"))
+        else:
+            display(Markdown(str(block)))
+
+
+def _model(backbone: str, scenario: str) -> str:
+    return f"{BACKBONE_LABELS.get(backbone, backbone)} · {SCENARIO_LABELS.get(scenario, scenario)}"
+
+
+def _ci(estimate: float, low: float, high: float, digits: int = 3) -> str:
+    if estimate is None or (isinstance(estimate, float) and math.isnan(estimate)):
+        return "-"
+    return f"{estimate:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def _p(p: float) -> str:
+    if p is None or (isinstance(p, float) and math.isnan(p)):
+        return "-"
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+# --------------------------------------------------------------------------------------------------------------
+def overview(inputs: ReportInputs) -> list[Block]:
+    info, env = inputs.info, inputs.info.get("environment") or {}
+    audit = inputs.audit()
+    settings = audit.get("settings", {})
+    lines = [f"**Run** `{inputs.run.path.name}` · profile **{info.get('profile')}** · created {info.get('created')} · "
+             f"status **{inputs.run.status}**",
+             f"**Data set** {_dataset_name(settings.get('dataset'))} · classes {', '.join(audit.get('classes', []))} "
+             f"(positive: **{audit.get('classes', ['?'])[-1]}**)",
+             f"**Machine** {env.get('cpu_model', env.get('processor', '?'))}, {env.get('cpu_count', '?')} cores · "
+             f"git commit `{env.get('git_commit')}`"]
+    if inputs.ran("04"):
+        best = inputs.selected()
+        lines.append(f"**Model chosen on validation AUC**: {_model(best['backbone'], best['scenario'])}, seed "
+                     f"{int(best['seed'])} (validation AUC {best['valid_auc']:.3f}; mean over its seeds "
+                     f"{best['mean_valid_auc']:.3f}). Calibration, subgroups and the failure analysis show this model.")
+    return ["\n\n".join(lines)]
+
+
+def _dataset_name(dataset: Any) -> str:
+    if isinstance(dataset, dict):
+        return f"your own data ({dataset.get('kind')}: {dataset.get('root') or dataset.get('table')})"
+    return f"`{dataset}`"
+
+
+def data_and_flow(inputs: ReportInputs) -> list[Block]:
+    audit = inputs.audit()
+    flow = inputs.table("tables/00_flow.csv", "00_data_audit")
+    partitions = inputs.table("tables/00_partitions.csv", "00_data_audit")
+    included = flow[flow["box"] == "included"].iloc[0]
+    excluded = flow[flow["box"] == "excluded"]
+    text = (f"{int(included['images'])} images of {int(included['patients'])} patients were included"
+            + (f"; {int(excluded['images'].sum())} were excluded ("
+               + "; ".join(f"{r.images}: {r.detail}" for r in excluded.itertuples()) + ")" if len(excluded)
+               else "; none was excluded")
+            + f". The split is by patient ({', '.join(str(r) for r in audit['settings'].get('split_ratios', []))}, "
+            f"seed {audit['settings'].get('split_seed')}). Copies of one radiograph: {audit.get('copy_pairs', 0)} "
+            f"pair(s), {audit.get('copy_pairs_across_splits', 0)} across splits (policy "
+            f"{audit['settings'].get('near_duplicates', 'stop')}); label conflicts: "
+            f"{_count(audit.get('label_conflicts'))}; near-duplicates by perceptual hash: "
+            f"{_count(audit.get('near_duplicate_pairs'))}.")
+    external = flow[flow["box"] == "external"]
+    if len(external):
+        text += (f" The external test set ({external.iloc[0]['detail']}) was built in the same notebook; every image of "
+                 f"its patients was kept out of the chest pretraining pool.")
+    return [text, inputs.path("figures/00_flow.png", "00_data_audit"),
+            "**Partitions.** Counts with their share of the partition's images; age, sex, view and source where the "
+            "data set records them.", partitions]
+
+
+def _count(value: Any) -> int:
+    return len(value) if isinstance(value, (list, dict)) else int(value or 0)
+
+
+def discrimination(inputs: ReportInputs) -> list[Block]:
+    if not inputs.ran("04"):
+        return ["Notebook 04 (fine-tuning) is not part of this run's profile: there are no models to report."]
+    blocks: list[Block] = [
+        "**Table 1.** Test accuracy and ROC AUC, mean ± standard deviation over seeds, each run at the threshold "
+        "chosen on its own validation split.", inputs.table("tables/table1.csv", "04_finetune (results_tables)")]
+    if inputs.ran("05"):
+        per_run = inputs.table("tables/05_auc_per_run.csv", "05_gradcam_statistics")
+        shown = pd.DataFrame({
+            "model": [_model(b, s) for b, s in zip(per_run["backbone"], per_run["scenario"])],
+            "seed": per_run["seed"], "n": per_run["n"], "n positive": per_run["n_positive"],
+            "AUC [95 % DeLong CI]": [_ci(a, lo, hi) for a, lo, hi in
+                                     zip(per_run["auc"], per_run["auc_ci_low"], per_run["auc_ci_high"])],
+            "accuracy [95 % Wilson CI]": [_ci(a, lo, hi) for a, lo, hi in zip(
+                per_run["accuracy"], per_run["accuracy_ci_low"], per_run["accuracy_ci_high"])]})
+        blocks += ["**Every run** with its confidence intervals (test split):", shown]
+    blocks += ["**ROC curves** of the test split, one line per seed; dots mark each run's validation-chosen "
+               "operating point.", inputs.path("figures/roc_test.png", "04_finetune (results_tables)")]
+    if inputs.ran("05"):
+        summary = inputs.optional("tables/05_significance_summary.md")
+        if summary is not None:
+            blocks += ["**Paired tests against random initialisation** (DeLong for AUC, McNemar for accuracy, "
+                       "Holm-corrected over the whole family): " + summary.read_text().strip()]
+            table = inputs.table("tables/05_significance.csv", "05_gradcam_statistics")
+            keep = [c for c in ("backbone", "seed", "scenario", "reference", "test", "n", "value", "value_reference",
+                                "effect", "effect_ci_low", "effect_ci_high", "p_value", "p_holm", "significant")
+                    if c in table.columns]
+            blocks.append(table[keep] if keep else table)
+        else:
+            blocks.append("No paired tests: the grid has no random-initialisation baseline to compare with.")
+    efficiency = inputs.optional("figures/label_efficiency.png")
+    if efficiency is not None:
+        blocks += ["**Label efficiency**: test AUC against the share of training labels.", efficiency]
+    return blocks
+
+
+def calibration(inputs: ReportInputs) -> list[Block]:
+    if not inputs.ran("04"):
+        return ["No fine-tuned models in this run."]
+    files = inputs.glob("tables/04_*_calibration.csv")
+    if not files:
+        raise MissingReportInput(f"no tables/04_<run>_calibration.csv in {inputs.run.path}: notebook 04 writes one per "
+                                 f"model; rerun it with this osteolib")
+    rows = []
+    for path in files:
+        name = path.name[len("04_"):-len("_calibration.csv")]
+        table = pd.read_csv(path).set_index("measure")
+        rows.append({"run": name, **{m: _ci(table.loc[m, "estimate"], table.loc[m, "ci_low"], table.loc[m, "ci_high"])
+                                     for m in ("brier", "ece", "calibration_slope", "calibration_intercept")
+                                     if m in table.index}})
+    best = inputs.selected_name()
+    return ["Per model (test split; 95 % patient cluster-bootstrap intervals). A calibration slope below 1 means "
+            "over-confident probabilities, above 1 under-confident; the intercept is calibration-in-the-large "
+            "(0 is ideal).", pd.DataFrame(rows),
+            f"**Reliability diagram** of the selected model `{best}`:",
+            inputs.path(f"figures/04_{best}_reliability.png", "04_finetune")]
+
+
+def subgroups(inputs: ReportInputs) -> list[Block]:
+    if not inputs.ran("04"):
+        return ["No fine-tuned models in this run."]
+    path = inputs.optional("tables/subgroups.csv")
+    if path is None:
+        return ["The manifest records no subgroup (sex, age, view, source or site with two levels or more among the "
+                "test images), so there is no subgroup table."]
+    table = pd.read_csv(path)
+    best = inputs.selected()
+    rows = table[(table["scenario"] == best["scenario"]) & (table["backbone"] == best["backbone"])
+                 & (table["seed"] == best["seed"])]
+    if rows.empty:
+        return ["The selected model has no subgroup rows."]
+    shown = pd.DataFrame({
+        "split": rows["split"], "variable": rows["variable"], "level": rows["level"], "n": rows["n"],
+        "positive / negative": [f"{p} / {q}" for p, q in zip(rows["n_positive"], rows["n_negative"])],
+        "AUC [95 % CI]": [_ci(a, lo, hi) for a, lo, hi in zip(rows["auc"], rows["auc_ci_low"], rows["auc_ci_high"])],
+        "accuracy [95 % CI]": [_ci(a, lo, hi) for a, lo, hi in
+                               zip(rows["accuracy"], rows["accuracy_ci_low"], rows["accuracy_ci_high"])],
+        "note": ["too small to say anything" if t else "" for t in rows["too_small"]],
+        "heterogeneity p (AUC / accuracy)": [f"{_p(a)} / {_p(b)}" for a, b in
+                                             zip(rows["auc_heterogeneity_p"], rows["accuracy_heterogeneity_p"])]})
+    return [f"The selected model by subgroup. Subgroups with fewer than 5 images of either class are marked *too "
+            f"small* and left out of the heterogeneity tests (Cochran's Q over the levels' DeLong AUCs; chi-square "
+            f"of correct-by-level for accuracy), never dropped. {largest_difference(rows)}", shown]
+
+
+def largest_difference(rows: pd.DataFrame) -> str:
+    """The largest AUC gap between two levels of one variable (levels not too small), in words."""
+    usable = rows[~rows["too_small"].astype(bool) & rows["auc"].notna() & (rows["level"] != "unknown")]
+    best = None
+    for (split, variable), group in usable.groupby(["split", "variable"]):
+        if len(group) < 2:
+            continue
+        gap = group["auc"].max() - group["auc"].min()
+        if best is None or gap > best[0]:
+            hi, lo = group.loc[group["auc"].idxmax()], group.loc[group["auc"].idxmin()]
+            best = (gap, split, variable, hi, lo, group["auc_heterogeneity_p"].iloc[0])
+    if best is None:
+        return "No variable has two subgroups large enough to compare."
+    gap, split, variable, hi, lo, p = best
+    verdict = "significant" if p < 0.05 else "not significant"
+    return (f"Largest difference ({split}): {variable} {hi['level']} AUC {hi['auc']:.3f} vs {lo['level']} "
+            f"{lo['auc']:.3f} (gap {gap:.3f}; heterogeneity p {_p(p)}, {verdict} at 0.05).")
+
+
+def external_validation(inputs: ReportInputs) -> list[Block]:
+    internal_path = inputs.optional("tables/results_summary.csv")
+    external_path = inputs.optional("tables/results_external_summary.csv")
+    if external_path is None:
+        return ["This run has no external test set. Name one with notebook 00's `external_test` parameter (a built-in "
+                "data set, or a spec of your own) to have every fine-tuned model scored on it after selection."]
+    internal, external = pd.read_csv(internal_path), pd.read_csv(external_path)
+    keys = [c for c in ("backbone", "scenario", "label_fraction") if c in internal.columns]
+    merged = internal.merge(external, on=keys, suffixes=("_internal", "_external"))
+    shown = pd.DataFrame({
+        "model": [_model(b, s) for b, s in zip(merged["backbone"], merged["scenario"])],
+        "internal test AUC": [f"{m:.3f} ± {s:.3f}" for m, s in zip(merged["auc_mean_internal"], merged["auc_std_internal"].fillna(0))],
+        "external test AUC": [f"{m:.3f} ± {s:.3f}" for m, s in zip(merged["auc_mean_external"], merged["auc_std_external"].fillna(0))],
+        "internal accuracy": [f"{m:.3f} ± {s:.3f}" for m, s in zip(merged["accuracy_mean_internal"], merged["accuracy_std_internal"].fillna(0))],
+        "external accuracy": [f"{m:.3f} ± {s:.3f}" for m, s in zip(merged["accuracy_mean_external"], merged["accuracy_std_external"].fillna(0))]})
+    flow = inputs.table("tables/00_flow.csv", "00_data_audit")
+    detail = flow.loc[flow["box"] == "external", "detail"]
+    return [f"Every fine-tuned model was scored once on the external test set after selection, at the threshold "
+            f"chosen on the internal validation split ({detail.iloc[0] if len(detail) else ''}). Mean ± sd over seeds:",
+            shown, inputs.path("figures/roc_external.png", "04_finetune (results_tables)")]
+
+
+def explanations(inputs: ReportInputs) -> list[Block]:
+    if not inputs.ran("05"):
+        return ["Notebook 05 (Grad-CAM statistics) is not part of this run's profile."]
+    stage = "05_gradcam_statistics"
+    agreement = inputs.table("tables/05_agreement_ci.csv", stage)
+    measure = next((m for m in ("energy_in_region", "pointing_game") if m in set(agreement["measure"])),
+                   agreement["measure"].iloc[0])
+    chosen = agreement[agreement["measure"] == measure]
+    wide = chosen.assign(model=[_model(b, s) for b, s in zip(chosen["backbone"], chosen["scenario"])],
+                         value=[_ci(m, lo, hi) for m, lo, hi in zip(chosen["mean"], chosen["ci_low"], chosen["ci_high"])]
+                         ).pivot_table(index="model", columns="method", values="value", aggfunc="first", sort=False)
+    blocks: list[Block] = [
+        f"**Agreement of the maps with the expert regions**: {measure.replace('_', ' ')} (mean [95 % bootstrap CI] over "
+        f"the {int(chosen['n'].max()) if len(chosen) else 0} test images that carry a region), per model (seeds pooled) "
+        f"and CAM method; every measure is in `tables/05_agreement_ci.csv`.", wide.reset_index(),
+        "**Randomisation check** (Adebayo et al. 2018): " + inputs.text("tables/05_randomisation_summary.md", stage)]
+    confounder = inputs.optional("tables/05_confounder_check_summary.md")
+    if confounder is not None:
+        blocks.append("**Confounder check** (synthetic shortcut): " + confounder.read_text().strip())
+    blocks += ["**Example maps** (Grad-CAM, expert region outlined):",
+               inputs.path("figures/05_gradcam_overlays.png", stage)]
+    errors = inputs.table("tables/05_confident_errors.csv", stage)
+    blocks.append(f"**Failure analysis**: the most confident false positives and false negatives of the selected model "
+                  f"`{inputs.selected_name()}` on the test split ({len(errors)} images), with their Grad-CAM maps.")
+    if len(errors):
+        blocks += [errors.round(3), inputs.path("figures/05_confident_errors.png", stage)]
+    return blocks
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def reproducibility(inputs: ReportInputs) -> list[Block]:
+    info, env = inputs.info, inputs.info.get("environment") or {}
+    packages = env.get("packages") or {}
+    data_files = [p for p in (inputs.optional("data/manifest.csv"), inputs.optional("data/split.csv"),
+                              inputs.optional("data/external_manifest.csv"), inputs.optional("data/audit.json")) if p]
+    executions = pd.DataFrame([{"execution": e.get("name"), "status": e.get("status"), "seconds": e.get("seconds"),
+                                "cores": ",".join(str(c) for c in e.get("cores") or [])}
+                               for e in info.get("executions", [])])
+    parameters = pd.DataFrame([{"execution": e.get("name"), "parameters": json.dumps(e.get("parameters"), default=str)}
+                               for e in info.get("plan", [])])
+    return [f"Profile `{info.get('profile_file')}`{' with overrides ' + json.dumps(info.get('overrides')) if info.get('overrides') else ''}; "
+            f"git commit `{env.get('git_commit')}`; Python {env.get('python')} on {env.get('platform')}; CPU "
+            f"{env.get('cpu_model', '?')} ({env.get('cpu_count')} cores, bf16 {'yes' if env.get('cpu_bf16') else 'no'}); "
+            + ", ".join(f"{k} {v}" for k, v in packages.items() if v) + ".",
+            "**Data files** of this run (sha256, first 16 hex digits): "
+            + "; ".join(f"`{p.relative_to(p.parents[1])}` {_sha256(p)}" for p in data_files) + ".",
+            "**Timings** per execution:", executions,
+            "**Parameters** of every execution (from the profile, as papermill received them):", parameters]
+
+
+def checklist(inputs: ReportInputs) -> list[Block]:
+    present = {}
+    for _, _, _, source in ITEMS:
+        present[source] = bool(inputs.glob(source)) if "*" in source else inputs.optional(source) is not None
+    return ["Each item of the reporting guidelines (CLAIM 2024, TRIPOD+AI 2024) this run can answer, and where; the "
+            "items only the authors can answer are listed as such. Items are named by topic, not number (the "
+            "numbering differs between guideline versions).", checklist_table(present)]
