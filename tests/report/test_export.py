@@ -1,0 +1,74 @@
+"""The report's export: one self-contained HTML file (code hidden, images embedded, nothing from the network) and a
+PDF; a report is never replaced (issue 17)."""
+from __future__ import annotations
+
+import base64
+import io
+import re
+
+import nbformat
+import pytest
+
+from osteolib.report import checklist, export
+
+
+def executed_notebook(path):
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (80, 60), (200, 30, 30)).save(buffer, format="PNG")
+    code = nbformat.v4.new_code_cell("secret_code_line = 42\nshow(figure)")
+    code.outputs = [nbformat.v4.new_output("display_data", data={"image/png": base64.b64encode(buffer.getvalue()).decode(),
+                                                                "text/plain": "<Figure>"})]
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("## 1 · Data and flow\n\nSome words."),
+                                               code])
+    nbformat.write(notebook, str(path))
+    return path
+
+
+def test_the_html_hides_code_embeds_images_and_fetches_nothing(tmp_path):
+    html = export.notebook_html(executed_notebook(tmp_path / "07.ipynb"), title="Report · run")
+    assert "secret_code_line" not in html
+    assert "Data and flow" in html and "<title>Report · run</title>" in html
+    assert re.search(r'<img[^>]+src="data:image/png;base64,', html)
+    assert not re.findall(r'(?:src|href)="https?://', html)  # no require.js, MathJax or fonts from a CDN
+
+
+def test_a_report_is_never_replaced(tmp_path):
+    notebook = executed_notebook(tmp_path / "07.ipynb")
+    assert export.free_stem(tmp_path) == "report"
+    first = export.export_report(notebook, tmp_path, stem="report", pdf=False)
+    assert first.pdf is None and first.pdf_note == "PDF not asked for"
+    with pytest.raises(FileExistsError):
+        export.export_report(notebook, tmp_path, stem="report", pdf=False)
+    assert export.free_stem(tmp_path) == "report-2"
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "notebooks" / "07_report-2.ipynb").write_text("{}")  # a failed second report keeps its name taken
+    assert export.free_stem(tmp_path) == "report-3"
+
+
+def test_the_pdf_is_printed_by_the_browser_or_the_reason_is_given(tmp_path, monkeypatch):
+    notebook = executed_notebook(tmp_path / "07.ipynb")
+    monkeypatch.setenv(export.BROWSER_ENV, str(tmp_path / "no-such-chromium"))
+    with pytest.raises(FileNotFoundError, match="OSTEOLIB_CHROMIUM"):
+        export.export_report(notebook, tmp_path, stem="a")
+    monkeypatch.delenv(export.BROWSER_ENV)
+    monkeypatch.setattr(export, "find_browser", lambda: None)
+    files = export.export_report(notebook, tmp_path, stem="b")
+    assert files.html.is_file() and files.pdf is None and "apt-get install chromium" in files.pdf_note
+
+
+def test_pdf_from_a_real_browser(tmp_path):
+    browser = export.find_browser()
+    if browser is None:
+        pytest.skip("no Chromium on this machine (scripts/install.sh installs it as root)")
+    files = export.export_report(executed_notebook(tmp_path / "07.ipynb"), tmp_path, stem="report")
+    assert files.pdf.read_bytes().startswith(b"%PDF") and files.pdf.stat().st_size > 2000
+
+
+def test_the_checklist_says_what_the_run_answers_and_what_is_the_authors():
+    table = checklist.checklist_table({"figures/00_flow.png": True})
+    answered = table[table["status"] == "answered by this run"]
+    assert answered["item"].str.contains("flow of participants").all() and len(answered) == 1
+    assert (table["status"] == "for the authors").sum() == len(checklist.AUTHORS)
+    assert (table["status"] == "not in this run").sum() == len(checklist.ITEMS) - 1
