@@ -64,7 +64,8 @@ def collect_results(run: Run, split: str = "test") -> tuple[pd.DataFrame, pd.Dat
 def _summarised(metrics: pd.DataFrame, split: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     per_run = metrics[metrics["split"] == split].reset_index(drop=True)
     by = [c for c in ("backbone", "scenario", "label_fraction") if c in per_run.columns]
-    summary = summarise_runs(per_run, by=by)
+    measures = [m for m in ("accuracy", "auc", "sensitivity", "specificity") if m in per_run.columns]
+    summary = summarise_runs(per_run, by=by, metrics=measures)
     order = _display_order(summary)
     return per_run, summary.iloc[order].reset_index(drop=True)
 
@@ -96,12 +97,15 @@ def write_results_tables(run: Run) -> dict[str, Path]:
     * ``tables/results_runs.csv`` (test metrics of every run), ``tables/results_summary.csv``, ``tables/table1.csv|md|tex``
       (the study's Table 1: model, learning method, ACC and AUC as mean ± std over seeds, at the largest label
       fraction present) and ``figures/roc_test.png|pdf`` (ROC curves per scenario);
+    * ``tables/results_runs_ci.csv``: every run's AUC with its DeLong CI and accuracy, sensitivity and specificity
+      with Wilson CIs (:func:`osteolib.evaluation.stats.auc_table`);
     * ``tables/selection.csv``: every run's validation AUC and the model chosen on it (:func:`select_model`) --
       the model the report's calibration, subgroup and failure sections show;
     * ``tables/subgroups.csv``: test (and external) results by sex, age band, view, source and site, where the
       manifest has them (:func:`osteolib.evaluation.stats.subgroup_table`);
     * with an external test set (notebook 00's ``external_test``): ``tables/results_external_runs.csv``,
-      ``tables/results_external_summary.csv``, ``tables/table1_external.csv|md`` and ``figures/roc_external.png|pdf``;
+      ``tables/results_external_summary.csv``, ``tables/results_external_runs_ci.csv``, ``tables/table1_external.csv|md``
+      and ``figures/roc_external.png|pdf``;
     * with several label fractions: ``tables/label_efficiency.csv|md|tex`` and ``figures/label_efficiency.png|pdf``.
     """
     import matplotlib.pyplot as plt
@@ -120,6 +124,10 @@ def write_results_tables(run: Run) -> dict[str, Path]:
         paths[f"{stem}_summary"] = _write_csv(summary, tables / f"{stem}_summary.csv")
         paths.update(_write_table1(summary, tables, "table1" if split == "test" else "table1_external",
                                    tex=split == "test", what="Test" if split == "test" else "External test"))
+        # every run with its intervals: AUC (DeLong), accuracy, sensitivity and specificity (Wilson)
+        intervals = stats.auc_table(with_validation_thresholds(predictions), split=split,
+                                    positive=class_names(predictions)[-1], run_keys=_run_keys(predictions))
+        paths[f"{stem}_runs_ci"] = _write_csv(intervals, tables / f"{stem}_runs_ci.csv")
         figure = roc_figure(with_validation_thresholds(predictions), split)
         for path in save_figure(figure, run.figures, f"roc_{split}"):
             paths[f"roc_{split}_{path.suffix[1:]}"] = path
@@ -150,6 +158,10 @@ def write_results_tables(run: Run) -> dict[str, Path]:
             paths[f"label_efficiency_{path.suffix[1:]}"] = path
         plt.close(figure)
     return paths
+
+
+def _run_keys(predictions: pd.DataFrame) -> tuple[str, ...]:
+    return tuple(c for c in ("scenario", "backbone", "seed", "label_fraction") if c in predictions.columns)
 
 
 def _write_csv(table: pd.DataFrame, path: Path) -> Path:

@@ -1,6 +1,8 @@
 """Per-run AUC and accuracy with intervals, and paired comparisons of scenarios (DeLong, McNemar, Holm)."""
 from __future__ import annotations
 
+import math
+
 import itertools
 from typing import Any, Sequence
 
@@ -22,7 +24,8 @@ COMPARISON_COLUMNS = [
 
 def auc_table(predictions_df: pd.DataFrame, split: str | None = "test", positive: str | None = None,
               alpha: float = 0.05, run_keys: Sequence[str] = RUN_KEYS) -> pd.DataFrame:
-    """One row per run: n, AUC with DeLong CI, threshold, accuracy with Wilson CI.
+    """One row per run: n, AUC with DeLong CI, threshold, accuracy with Wilson CI (binary: sensitivity and
+    specificity at the threshold with Wilson CIs too).
 
     Rows of ``split`` only (None = all rows). ``positive`` names the positive class; by default it is the
     class whose ``target`` is 1 (binary tables only). With more than two classes the AUC is ``positive`` against
@@ -39,10 +42,17 @@ def auc_table(predictions_df: pd.DataFrame, split: str | None = "test", positive
         n = int(view.correct.size)
         n_correct = int(view.correct.sum())
         acc_low, acc_high = wilson_ci(n_correct, n, alpha)
-        rows.append({**dict(zip(run_keys, values)), "n": n, "n_positive": auc.n_positive, "positive": view.positive,
-                     "auc": auc.auc, "auc_se": auc.se, "auc_ci_low": auc.ci_low, "auc_ci_high": auc.ci_high,
-                     "threshold": view.threshold, "accuracy": n_correct / n, "accuracy_ci_low": acc_low,
-                     "accuracy_ci_high": acc_high})
+        row = {**dict(zip(run_keys, values)), "n": n, "n_positive": auc.n_positive, "positive": view.positive,
+               "auc": auc.auc, "auc_se": auc.se, "auc_ci_low": auc.ci_low, "auc_ci_high": auc.ci_high,
+               "threshold": view.threshold, "accuracy": n_correct / n, "accuracy_ci_low": acc_low,
+               "accuracy_ci_high": acc_high}
+        if view.n_classes == 2:  # at the run's threshold; with more classes "positive vs rest" has no single one
+            y, correct = view.y.to_numpy().astype(bool), view.correct.to_numpy()
+            for name, cases in (("sensitivity", y), ("specificity", ~y)):
+                hits, total = int((correct & cases).sum()), int(cases.sum())
+                low, high = wilson_ci(hits, total, alpha) if total else (math.nan, math.nan)
+                row.update({name: hits / total if total else math.nan, f"{name}_ci_low": low, f"{name}_ci_high": high})
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
