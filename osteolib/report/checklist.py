@@ -27,7 +27,7 @@ ITEMS = (
     ("CLAIM", "method of selecting the final model (on the validation split only)", "2 · Discrimination",
      "tables/selection.csv"),
     ("CLAIM · TRIPOD+AI", "performance metrics with measures of uncertainty (confidence intervals)",
-     "2 · Discrimination", "tables/05_auc_per_run.csv"),
+     "2 · Discrimination", "tables/results_runs_ci.csv"),
     ("CLAIM", "statistical tests of differences between models, corrected for multiple comparisons",
      "2 · Discrimination", "tables/05_significance.csv"),
     ("TRIPOD+AI", "calibration (calibration plot, slope and intercept, Brier score)", "3 · Calibration",

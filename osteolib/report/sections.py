@@ -99,13 +99,21 @@ class ReportInputs:
 
 def show(blocks: Iterable[Block]) -> None:
     """Display a section's blocks in the notebook (figures embedded, so the HTML export carries them)."""
-    from IPython.display import Image, Markdown, display
+    import base64
+    import html
+
+    from IPython.display import HTML, Markdown, display
 
     for block in blocks:
         if isinstance(block, Path):
-            display(Image(filename=str(block)))
+            # an <img> with alternative text (the figure's name), the PNG inlined so the exported file stands alone
+            data = base64.b64encode(block.read_bytes()).decode()
+            alt = html.escape(block.stem.replace("_", " "))
+            display(HTML(f'<img src="data:image/png;base64,{data}" alt="figure: {alt}" style="max-width: 100%">'))
         elif isinstance(block, pd.DataFrame):
-            display(block.style.hide(axis="index").format(precision=3, na_rep="-"))
+            text = [c for c in block.columns if not pd.api.types.is_numeric_dtype(block[c])]
+            display(block.style.hide(axis="index").format(precision=3, na_rep="-")
+                    .set_properties(subset=text, **{"text-align": "left"}))
         else:
             display(Markdown(str(block)))
 
@@ -183,19 +191,14 @@ def _count(value: Any) -> int:
 def discrimination(inputs: ReportInputs) -> list[Block]:
     if not inputs.ran("04"):
         return ["Notebook 04 (fine-tuning) is not part of this run's profile: there are no models to report."]
+    stage = "04_finetune (its results_tables step)"
+    summary = inputs.table("tables/results_summary.csv", stage)
+    per_run = inputs.table("tables/results_runs_ci.csv", stage)
     blocks: list[Block] = [
-        "**Table 1.** Test accuracy and ROC AUC, mean ± standard deviation over seeds, each run at the threshold "
-        "chosen on its own validation split.", inputs.table("tables/table1.csv", "04_finetune (results_tables)")]
-    if inputs.ran("05"):
-        per_run = inputs.table("tables/05_auc_per_run.csv", "05_gradcam_statistics")
-        shown = pd.DataFrame({
-            "model": [_model(b, s) for b, s in zip(per_run["backbone"], per_run["scenario"])],
-            "seed": per_run["seed"], "n": per_run["n"], "n positive": per_run["n_positive"],
-            "AUC [95 % DeLong CI]": [_ci(a, lo, hi) for a, lo, hi in
-                                     zip(per_run["auc"], per_run["auc_ci_low"], per_run["auc_ci_high"])],
-            "accuracy [95 % Wilson CI]": [_ci(a, lo, hi) for a, lo, hi in zip(
-                per_run["accuracy"], per_run["accuracy_ci_low"], per_run["accuracy_ci_high"])]})
-        blocks += ["**Every run** with its confidence intervals (test split):", shown]
+        "**Table 1.** Test ROC AUC, accuracy, sensitivity and specificity, mean ± standard deviation over seeds (n = "
+        "runs), each run at the threshold chosen on its own validation split.", table1(summary),
+        "**Every run** with its 95 % confidence intervals (test split; AUC: DeLong, the others: Wilson):",
+        intervals_table(per_run)]
     blocks += ["**ROC curves** of the test split, one line per seed; dots mark each run's validation-chosen "
                "operating point.", inputs.path("figures/roc_test.png", "04_finetune (results_tables)")]
     if inputs.ran("05"):
@@ -214,6 +217,34 @@ def discrimination(inputs: ReportInputs) -> list[Block]:
     if efficiency is not None:
         blocks += ["**Label efficiency**: test AUC against the share of training labels.", efficiency]
     return blocks
+
+
+def table1(summary: pd.DataFrame) -> pd.DataFrame:
+    """Table 1 from ``results_summary.csv`` (or the external one): one row per model, "mean ± sd" per measure."""
+    from osteolib.evaluation import format_mean_std
+
+    if "label_fraction" in summary.columns:
+        summary = summary[summary["label_fraction"] == summary["label_fraction"].max()]
+    out = pd.DataFrame({"model": [_model(b, s) for b, s in zip(summary["backbone"], summary["scenario"])],
+                        "runs": summary["n_runs"].astype(int)})
+    for measure, title in (("auc", "AUC"), ("accuracy", "accuracy"), ("sensitivity", "sensitivity"),
+                           ("specificity", "specificity")):
+        if f"{measure}_mean" in summary.columns:
+            out[title] = [format_mean_std(m, sd, n) for m, sd, n in
+                          zip(summary[f"{measure}_mean"], summary[f"{measure}_std"], summary[f"{measure}_n"])]
+    return out.reset_index(drop=True)
+
+
+def intervals_table(per_run: pd.DataFrame) -> pd.DataFrame:
+    """``results_runs_ci.csv`` as "estimate [low, high]" cells, one row per run."""
+    out = pd.DataFrame({"model": [_model(b, s) for b, s in zip(per_run["backbone"], per_run["scenario"])],
+                        "seed": per_run["seed"].astype(int), "n": per_run["n"], "n positive": per_run["n_positive"]})
+    for measure in ("auc", "accuracy", "sensitivity", "specificity"):
+        if measure in per_run.columns:
+            out[measure if measure != "auc" else "AUC"] = [
+                _ci(e, lo, hi) for e, lo, hi in
+                zip(per_run[measure], per_run[f"{measure}_ci_low"], per_run[f"{measure}_ci_high"])]
+    return out
 
 
 def calibration(inputs: ReportInputs) -> list[Block]:
@@ -290,20 +321,18 @@ def external_validation(inputs: ReportInputs) -> list[Block]:
     if external_path is None:
         return ["This run has no external test set. Name one with notebook 00's `external_test` parameter (a built-in "
                 "data set, or a spec of your own) to have every fine-tuned model scored on it after selection."]
-    internal, external = pd.read_csv(internal_path), pd.read_csv(external_path)
-    keys = [c for c in ("backbone", "scenario", "label_fraction") if c in internal.columns]
-    merged = internal.merge(external, on=keys, suffixes=("_internal", "_external"))
-    shown = pd.DataFrame({
-        "model": [_model(b, s) for b, s in zip(merged["backbone"], merged["scenario"])],
-        "internal test AUC": [f"{m:.3f} ± {s:.3f}" for m, s in zip(merged["auc_mean_internal"], merged["auc_std_internal"].fillna(0))],
-        "external test AUC": [f"{m:.3f} ± {s:.3f}" for m, s in zip(merged["auc_mean_external"], merged["auc_std_external"].fillna(0))],
-        "internal accuracy": [f"{m:.3f} ± {s:.3f}" for m, s in zip(merged["accuracy_mean_internal"], merged["accuracy_std_internal"].fillna(0))],
-        "external accuracy": [f"{m:.3f} ± {s:.3f}" for m, s in zip(merged["accuracy_mean_external"], merged["accuracy_std_external"].fillna(0))]})
+    internal, external = table1(pd.read_csv(internal_path)), table1(pd.read_csv(external_path))
+    shown = internal[["model", "AUC", "accuracy"]].merge(external[["model", "AUC", "accuracy"]], on="model",
+                                                         suffixes=(" internal test", " external test"))
+    shown = shown[["model", "AUC internal test", "AUC external test", "accuracy internal test",
+                   "accuracy external test"]]
     flow = inputs.table("tables/00_flow.csv", "00_data_audit")
     detail = flow.loc[flow["box"] == "external", "detail"]
     return [f"Every fine-tuned model was scored once on the external test set after selection, at the threshold "
             f"chosen on the internal validation split ({detail.iloc[0] if len(detail) else ''}). Mean ± sd over seeds:",
-            shown, inputs.path("figures/roc_external.png", "04_finetune (results_tables)")]
+            shown, "Every run on the external test set, with its 95 % confidence intervals:",
+            intervals_table(inputs.table("tables/results_external_runs_ci.csv", "04_finetune (results_tables)")),
+            inputs.path("figures/roc_external.png", "04_finetune (results_tables)")]
 
 
 def explanations(inputs: ReportInputs) -> list[Block]:
@@ -314,13 +343,14 @@ def explanations(inputs: ReportInputs) -> list[Block]:
     measure = next((m for m in ("energy_in_region", "pointing_game") if m in set(agreement["measure"])),
                    agreement["measure"].iloc[0])
     chosen = agreement[agreement["measure"] == measure]
-    wide = chosen.assign(model=[_model(b, s) for b, s in zip(chosen["backbone"], chosen["scenario"])],
-                         value=[_ci(m, lo, hi) for m, lo, hi in zip(chosen["mean"], chosen["ci_low"], chosen["ci_high"])]
+    cells = [f"{_ci(m, lo, hi)} · n {int(n)}" if n else "no map scored (n 0)"
+             for m, lo, hi, n in zip(chosen["mean"], chosen["ci_low"], chosen["ci_high"], chosen["n"])]
+    wide = chosen.assign(model=[_model(b, s) for b, s in zip(chosen["backbone"], chosen["scenario"])], value=cells
                          ).pivot_table(index="model", columns="method", values="value", aggfunc="first", sort=False)
     blocks: list[Block] = [
         f"**Agreement of the maps with the expert regions**: {measure.replace('_', ' ')} (mean [95 % bootstrap CI] over "
-        f"the {int(chosen['n'].max()) if len(chosen) else 0} test images that carry a region), per model (seeds pooled) "
-        f"and CAM method; every measure is in `tables/05_agreement_ci.csv`.", wide.reset_index(),
+        f"the n scored maps of the test images that carry a region; a flat map is counted, not scored), per model (seeds "
+        f"pooled) and CAM method; every measure is in `tables/05_agreement_ci.csv`.", wide.reset_index(),
         "**Randomisation check** (Adebayo et al. 2018): " + inputs.text("tables/05_randomisation_summary.md", stage)]
     confounder = inputs.optional("tables/05_confounder_check_summary.md")
     if confounder is not None:
@@ -344,7 +374,8 @@ def reproducibility(inputs: ReportInputs) -> list[Block]:
     packages = env.get("packages") or {}
     data_files = [p for p in (inputs.optional("data/manifest.csv"), inputs.optional("data/split.csv"),
                               inputs.optional("data/external_manifest.csv"), inputs.optional("data/audit.json")) if p]
-    executions = pd.DataFrame([{"execution": e.get("name"), "status": e.get("status"), "seconds": e.get("seconds"),
+    executions = pd.DataFrame([{"execution": e.get("name"), "status": e.get("status"),
+                                "seconds": round(e["seconds"]) if e.get("seconds") is not None else None,
                                 "cores": ",".join(str(c) for c in e.get("cores") or [])}
                                for e in info.get("executions", [])])
     parameters = pd.DataFrame([{"execution": e.get("name"), "parameters": json.dumps(e.get("parameters"), default=str)}
