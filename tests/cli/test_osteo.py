@@ -142,6 +142,17 @@ def test_real_profile_audits_the_nih_subset(tmp_path, real_data_root):
     assert summary["n_images"] == 1000 and summary["n_patients"] == 682
     assert summary["with_expert_region"] == 44  # the 49 radiologist boxes fall on 44 images
     assert (run.path / "figures" / "00_sample_grid.png").is_file()
+    # the external test set: half of Kermany's patients (each image its own patient there), mapped to NIH's classes
+    import pandas as pd
+
+    from osteolib.data import read_manifest
+
+    external = read_manifest(run.path / "data" / "external_manifest.csv")
+    flow = pd.read_csv(run.path / "tables" / "00_flow.csv").set_index("box")
+    assert flow.loc["external_records", "images"] == 2921 and len(external) == 1460
+    assert set(external["label"]) == {"no_finding", "pneumonia"} and set(external["source"]) == {"kermany"}
+    partitions = pd.read_csv(run.path / "tables" / "00_partitions.csv").set_index("characteristic")
+    assert partitions.loc["images", "external"] == "1460" and partitions.loc["sex: F", "test"].startswith("53 (")
 
 
 # ---------------------------------------------------------------------------------------------- --jobs and --cell

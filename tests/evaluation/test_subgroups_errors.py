@@ -102,3 +102,13 @@ def test_the_most_confident_errors_are_the_surest_wrong_calls():
     assert fp["image_id"].tolist() == wrong_negatives["image_id"].tolist()[::-1][:3]
     assert fn["image_id"].tolist() == wrong_positives["image_id"].tolist()[:3]
     assert fp["rank"].tolist() == [1, 2, 3] and (errors["threshold"] == 0.5).all()
+
+
+def test_with_three_classes_a_false_positive_is_an_image_called_positive():
+    rows = pd.DataFrame({
+        "image_id": ["a", "b", "c", "d"], "label": ["normal", "mild", "severe", "severe"], "target": [0, 1, 2, 2],
+        "prob_normal": [0.1, 0.7, 0.5, 0.1], "prob_mild": [0.2, 0.2, 0.3, 0.1], "prob_severe": [0.7, 0.1, 0.2, 0.8],
+        "split": "test", "scenario": "random", "backbone": "densenet121", "seed": 0})
+    errors = stats.confident_errors(rows, positive="severe")
+    # "b" (mild called normal) is wrong, but not about the positive class
+    assert errors[["kind", "image_id"]].values.tolist() == [["false positive", "a"], ["false negative", "c"]]
