@@ -112,3 +112,10 @@ def test_with_three_classes_a_false_positive_is_an_image_called_positive():
     errors = stats.confident_errors(rows, positive="severe")
     # "b" (mild called normal) is wrong, but not about the positive class
     assert errors[["kind", "image_id"]].values.tolist() == [["false positive", "a"], ["false negative", "c"]]
+
+
+def test_a_level_with_one_image_of_a_class_has_no_auc_but_keeps_its_row():
+    table = predictions()
+    manifest = pd.DataFrame({"image_id": table["image_id"], "site": ["big"] * 77 + ["tiny"] * 3})
+    tiny = stats.subgroup_table(table, stats.subgroup_columns(manifest), positive="sick").set_index("level").loc["tiny"]
+    assert tiny["n"] == 3 and tiny["too_small"] and math.isnan(tiny["auc"]) and not math.isnan(tiny["accuracy"])

@@ -101,7 +101,7 @@ def subgroup_table(predictions_df: pd.DataFrame, subgroups: pd.DataFrame, split:
                 row = {**dict(zip(run_keys, values)), "split": split, "variable": variable, "level": str(level),
                        "n": int(y.size), "n_positive": n_pos, "n_negative": n_neg,
                        "auc": math.nan, "auc_se": math.nan, "auc_ci_low": math.nan, "auc_ci_high": math.nan}
-                if n_pos and n_neg:
+                if min(n_pos, n_neg) >= 2:  # DeLong's variance needs two of each; fewer: no AUC, and too small
                     auc = delong_auc(y.to_numpy(), score.to_numpy(), alpha=alpha)
                     row.update(auc=auc.auc, auc_se=auc.se, auc_ci_low=auc.ci_low, auc_ci_high=auc.ci_high)
                 n_correct = int(correct.sum())
