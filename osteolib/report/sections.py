@@ -53,8 +53,13 @@ class ReportInputs:
         return names
 
     def ran(self, notebook: str) -> bool:
-        """Whether the run's plan holds notebook ``notebook`` (a name or number prefix, e.g. "05")."""
-        return any(name.startswith(notebook) for name in self.notebooks)
+        """Whether the run's plan holds notebook ``notebook`` (a name or number prefix, e.g. "05"). A folder without
+        a plan (notebooks stepped through in JupyterLab) counts a notebook as run when its first output is there."""
+        if self.notebooks:
+            return any(name.startswith(notebook) for name in self.notebooks)
+        marker = {"00": "data/audit.json", "04": "predictions", "05": "tables/05_auc_per_run.csv"}.get(notebook[:2])
+        found = self.optional(marker) if marker else None
+        return found is not None and (found.is_file() or any(found.glob("*.csv")))
 
     def path(self, relative: str, stage: str) -> Path:
         try:
