@@ -144,8 +144,10 @@ def overview(inputs: ReportInputs) -> list[Block]:
     info, env = inputs.info, inputs.info.get("environment") or {}
     audit = inputs.audit()
     settings = audit.get("settings", {})
+    status = inputs.run.status
+    status = "running (this report is its last step)" if status == "running" else status
     lines = [f"**Run** `{inputs.run.path.name}` · profile **{info.get('profile')}** · created {info.get('created')} · "
-             f"status **{inputs.run.status}**",
+             f"status **{status}**",
              f"**Data set** {_dataset_name(settings.get('dataset'))} · classes {', '.join(audit.get('classes', []))} "
              f"(positive: **{audit.get('classes', ['?'])[-1]}**)",
              f"**Machine** {env.get('cpu_model', env.get('processor', '?'))}, {env.get('cpu_count', '?')} cores · "
