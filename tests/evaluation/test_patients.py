@@ -163,3 +163,17 @@ def test_a_class_with_one_test_image_keeps_its_auc_without_an_interval():
     assert result.loc["normal", "ci_method"] == "DeLong" and result.loc["macro", "ci_method"] == "bootstrap"
     assert np.isfinite(result.loc["macro", ["auc_ci_low", "auc_ci_high"]].astype(float)).all()
 
+
+
+def test_a_patient_whose_follow_up_changed_label_is_one_case_per_label():
+    from osteolib.evaluation import stats
+
+    rows = pd.DataFrame({"image_id": ["a1", "a2", "a3", "b1", "c1"], "patient_id": ["A", "A", "A", "B", "C"],
+                         "label": ["no", "yes", "yes", "yes", "no"], "target": [0, 1, 1, 1, 0],
+                         "prob_no": [0.8, 0.3, 0.1, 0.2, 0.6], "prob_yes": [0.2, 0.7, 0.9, 0.8, 0.4],
+                         "split": "test", "scenario": "random", "backbone": "d", "seed": 0})
+    cases = stats.patient_predictions(rows).set_index("image_id")
+    assert sorted(cases.index) == ["A (no)", "A (yes)", "B", "C"]  # no image dropped, no label averaged away
+    assert cases.loc["A (yes)", "n_images"] == 2 and cases.loc["A (yes)", "prob_yes"] == pytest.approx(0.8)
+    assert cases.loc["A (no)", "several_labels"] and not cases.loc["B", "several_labels"]
+    assert (cases["patient_id"] == ["A", "A", "B", "C"]).all()

@@ -44,23 +44,25 @@ def images_per_patient(predictions_df: pd.DataFrame, keys: Sequence[str] = ("sce
 def patient_predictions(predictions_df: pd.DataFrame) -> pd.DataFrame:
     """One row per run, split and patient: probabilities averaged over the patient's images.
 
-    A patient whose images carry different labels is an error (the label is a property of the patient here).
+    A patient whose images carry different labels (a follow-up film after the finding changed, as in NIH
+    ChestX-ray14) is one case per label: the images of each label are averaged separately, the case's id is
+    ``"<patient> (<label>)"`` and ``several_labels`` marks it, so no image is dropped and no label is averaged away.
     """
     require_columns(predictions_df, ["image_id", "label", "target", PATIENT_COLUMN], "prediction table")
     probs = [c for c in predictions_df.columns if str(c).startswith(PROB_PREFIX)]
     keys = [c for c in _KEEP if c in predictions_df.columns]
     by = keys + [PATIENT_COLUMN]
     df = predictions_df.assign(**{PATIENT_COLUMN: predictions_df[PATIENT_COLUMN].astype(str)})
-    labels = df.groupby(by, dropna=False, sort=False)["label"].nunique()
-    mixed = labels[labels > 1]
-    if not mixed.empty:
-        raise ValueError(f"{len(mixed)} patient(s) have images with different labels (e.g. "
-                         f"{[k[-1] for k in mixed.index[:5]]}); patient-level results need one label per patient")
-    grouped = df.groupby(by, dropna=False, sort=False)
+    several = df.groupby(by, dropna=False, sort=False)["label"].transform("nunique") > 1
+    df = df.assign(several_labels=several.to_numpy(),
+                   case=df[PATIENT_COLUMN].where(~several, df[PATIENT_COLUMN] + " (" + df["label"].astype(str) + ")"))
+    grouped = df.groupby(keys + ["case"], dropna=False, sort=False)
     out = grouped[probs].mean()
+    out.insert(0, "several_labels", grouped["several_labels"].first())
     out.insert(0, "n_images", grouped.size())
     out.insert(0, "target", grouped["target"].first())
     out.insert(0, "label", grouped["label"].first())
+    out.insert(0, PATIENT_COLUMN, grouped[PATIENT_COLUMN].first())
     out = out.reset_index()
-    out.insert(0, "image_id", out[PATIENT_COLUMN])
+    out.insert(0, "image_id", out.pop("case"))
     return out
