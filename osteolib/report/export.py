@@ -112,4 +112,7 @@ def export_report(notebook: str | os.PathLike, folder: str | os.PathLike, stem: 
     browser = find_browser()
     if browser is None:
         return ReportFiles(html_path, None, f"no headless browser found: {INSTALL_HINT}")
-    return ReportFiles(html_path, html_to_pdf(html_path, folder / f"{stem}.pdf", browser=browser))
+    try:
+        return ReportFiles(html_path, html_to_pdf(html_path, folder / f"{stem}.pdf", browser=browser))
+    except (RuntimeError, subprocess.TimeoutExpired) as err:  # the HTML stands; a failed print is said, not fatal
+        return ReportFiles(html_path, None, f"printing with {browser} failed: {str(err)[:500]}")

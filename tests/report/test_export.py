@@ -72,3 +72,10 @@ def test_the_checklist_says_what_the_run_answers_and_what_is_the_authors():
     assert answered["item"].str.contains("flow of participants").all() and len(answered) == 1
     assert (table["status"] == "for the authors").sum() == len(checklist.AUTHORS)
     assert (table["status"] == "not in this run").sum() == len(checklist.ITEMS) - 1
+
+
+def test_a_browser_that_fails_to_print_leaves_the_html_and_says_why(tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "find_browser", lambda: "/bin/false")
+    files = export.export_report(executed_notebook(tmp_path / "07.ipynb"), tmp_path, stem="report")
+    assert files.html.is_file() and files.pdf is None
+    assert files.pdf_note.startswith("printing with /bin/false failed") and "exit 1" in files.pdf_note
