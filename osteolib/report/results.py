@@ -114,6 +114,8 @@ def write_results_tables(run: Run) -> dict[str, Path]:
 
     predictions = read_predictions(run.predictions)
     metrics = evaluate_runs(predictions)
+    # each run's validation-chosen threshold on its rows, once, for the intervals, ROC points and subgroups
+    thresholded = with_validation_thresholds(predictions)
     tables = run.tables
     paths: dict[str, Path] = {}
     splits = ["test"] + (["external"] if (predictions["split"] == "external").any() else [])
@@ -125,10 +127,10 @@ def write_results_tables(run: Run) -> dict[str, Path]:
         paths.update(_write_table1(summary, tables, "table1" if split == "test" else "table1_external",
                                    tex=split == "test", what="Test" if split == "test" else "External test"))
         # every run with its intervals: AUC (DeLong), accuracy, sensitivity and specificity (Wilson)
-        intervals = stats.auc_table(with_validation_thresholds(predictions), split=split,
+        intervals = stats.auc_table(thresholded, split=split,
                                     positive=class_names(predictions)[-1], run_keys=_run_keys(predictions))
         paths[f"{stem}_runs_ci"] = _write_csv(intervals, tables / f"{stem}_runs_ci.csv")
-        figure = roc_figure(with_validation_thresholds(predictions), split)
+        figure = roc_figure(thresholded, split)
         for path in save_figure(figure, run.figures, f"roc_{split}"):
             paths[f"roc_{split}_{path.suffix[1:]}"] = path
         plt.close(figure)
@@ -139,7 +141,7 @@ def write_results_tables(run: Run) -> dict[str, Path]:
     keep = [c for c in (*run_columns(predictions), "valid_auc", "mean_valid_auc", "threshold", "selected")
             if c in selection.columns]
     paths["selection"] = _write_csv(selection[keep], tables / "selection.csv")
-    subgroups = _subgroup_results(run, predictions, splits)
+    subgroups = _subgroup_results(run, thresholded, splits)
     if subgroups is not None:
         paths["subgroups"] = _write_csv(subgroups, tables / "subgroups.csv")
 
@@ -190,7 +192,8 @@ def _write_table1(summary: pd.DataFrame, tables: Path, stem: str, tex: bool, wha
 
 
 def _subgroup_results(run: Run, predictions: pd.DataFrame, splits: list[str]) -> pd.DataFrame | None:
-    """Results by subgroup for each split, from the manifest(s) the predicted images come from."""
+    """Results by subgroup for each split of ``predictions`` (with their thresholds), from the manifest(s) the
+    predicted images come from."""
     from osteolib.data import read_manifest
 
     manifests = {"test": run.find_optional("data/manifest.csv")}  # absent only in a folder of bare predictions
@@ -203,8 +206,7 @@ def _subgroup_results(run: Run, predictions: pd.DataFrame, splits: list[str]) ->
     for split, path in manifests.items():
         groups = stats.subgroup_columns(read_manifest(path, check_files=False))
         if len(groups.columns) > 1:
-            out.append(stats.subgroup_table(with_validation_thresholds(predictions), groups, split=split,
-                                            positive=classes[-1]))
+            out.append(stats.subgroup_table(predictions, groups, split=split, positive=classes[-1]))
     out = [t for t in out if len(t)]
     return pd.concat(out, ignore_index=True) if out else None
 
