@@ -97,7 +97,7 @@ def _run_pretrain(run: Any, real: Any, parameters: dict[str, Any], ctx: Distribu
         pool = datasets.load_pool(parameters.get("chest_datasets", ["synthetic_chest"]), parameters.get("data_root"),
                                   parameters.get("chest_options", {}))
         # as notebook 01: the external test set (notebook 00's external_test) is never pretrained on
-        pool, _ = external.exclude_external(pool, external.read_external_set(real.find_optional(external.EXTERNAL_MANIFEST)))
+        pool, _ = external.exclude_external(pool, external.read_external_set(real))
         val_fraction = float(parameters.get("val_fraction", 0.05))
         manifest = splits.patient_split(pool, ratios=[1 - val_fraction, val_fraction, 0.0], seed=config.seed,
                                         keep_existing=False)
@@ -126,7 +126,7 @@ def _run_finetune(run: Any, real: Any, parameters: dict[str, Any], ctx: Distribu
     mean, std = audit["normalisation"]["mean"], audit["normalisation"]["std"]
     cache = _rank0_first(ctx, lambda: ImageCache.build(manifest, config.image_size, progress=False))
     # as notebook 04: the external test set, when notebook 00 made one, is scored once after selection
-    external_set = external.read_external_set(real.find_optional(external.EXTERNAL_MANIFEST))
+    external_set = external.read_external_set(real)
     external_data = None if external_set is None else (
         external_set, _rank0_first(ctx, lambda: ImageCache.build(external_set, config.image_size, progress=False)))
     result = finetune.finetune(run, config, manifest, cache, mean, std, classes=audit["classes"], external=external_data)

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from osteolib.data.manifest import ManifestError
+from osteolib.runs import Run
 
 __all__ = ["EXTERNAL_KEYS", "EXTERNAL_MANIFEST", "external_spec", "build_external_set", "read_external_set",
            "exclude_external"]
@@ -95,10 +96,12 @@ def build_external_set(value: Any, data_root: str | os.PathLike | None, classes:
     return out
 
 
-def read_external_set(path: str | os.PathLike | None) -> pd.DataFrame | None:
-    """The external test set notebook 00 wrote (its files checked), or None when the run has none."""
+def read_external_set(run: Run) -> pd.DataFrame | None:
+    """The external test set notebook 00 wrote into ``run`` (or a parent; its files checked), or None when the run
+    has none."""
     from osteolib.data.manifest import read_manifest
 
+    path = run.find_optional(EXTERNAL_MANIFEST)
     return None if path is None else read_manifest(path)
 
 
