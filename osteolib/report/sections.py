@@ -20,6 +20,7 @@ import pandas as pd
 from osteolib.report.checklist import ITEMS, checklist_table
 from osteolib.report.results import BACKBONE_LABELS, SCENARIO_LABELS
 from osteolib.runs import Run
+from osteolib.stages.finetune_config import run_name_of
 
 __all__ = ["MissingReportInput", "ReportInputs", "show", "overview", "data_and_flow", "discrimination",
            "calibration", "subgroups", "external_validation", "explanations", "reproducibility", "checklist"]
@@ -99,7 +100,7 @@ class ReportInputs:
 
     def selected_name(self) -> str:
         best = self.selected()
-        return f"{best['scenario']}-{best['backbone']}-seed{int(best['seed'])}-frac{float(best.get('label_fraction', 1.0))}"
+        return run_name_of(best["scenario"], best["backbone"], best["seed"], best.get("label_fraction", 1.0))
 
 
 def show(blocks: Iterable[Block]) -> None:
