@@ -412,11 +412,10 @@ def environment_info() -> dict[str, Any]:
     for name in ("osteolib", "torch", "torchvision", "timm", "fastai", "pytorch_grad_cam", "numpy", "pandas",
                  "scikit-learn", "statsmodels", "papermill", "pydicom"):
         versions[name] = _version(name)
-    from osteolib.utils import cpu_model
+    from osteolib.utils import cpu_has_bf16_flags, cpu_model
 
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     return {"python": sys.version.split()[0], "platform": platform.platform(), "processor": platform.machine(),
-            "cpu_model": cpu_model(), "cpu_bf16": "avx512_bf16" in flags or "amx_bf16" in flags,
+            "cpu_model": cpu_model(), "cpu_bf16": cpu_has_bf16_flags(),
             "cpu_count": os.cpu_count(), "packages": versions, "git_commit": git_commit()}
 
 

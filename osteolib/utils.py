@@ -43,6 +43,18 @@ def write_json(path: str | Path, payload: Any, indent: int = 2, sort_keys: bool 
     return path
 
 
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs that compute bf16 natively
+
+
+def cpu_has_bf16_flags() -> bool:
+    """Whether /proc/cpuinfo lists a native-bf16 flag (AVX512-BF16 or AMX); False where it cannot be read."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return any(flag in flags for flag in NATIVE_BF16_FLAGS)
+
+
 def cpu_model() -> str:
     """The CPU's model name (Linux /proc/cpuinfo, else the platform's word for it): every measured figure names it."""
     try:

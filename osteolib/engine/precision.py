@@ -7,10 +7,11 @@ only on CPUs with native bf16 instructions, else fp32. Channels-last memory form
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
+
+from osteolib.utils import cpu_has_bf16_flags
 
 __all__ = ["PrecisionChoice", "cpu_supports_bf16", "choose_precision", "is_cnn", "use_channels_last"]
 
@@ -38,11 +39,7 @@ def cpu_supports_bf16() -> bool:
             return True
     except (AttributeError, RuntimeError):
         pass
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+    return cpu_has_bf16_flags()
 
 
 def choose_precision(device: torch.device | str, requested: str = "auto") -> PrecisionChoice:
