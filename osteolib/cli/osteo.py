@@ -4,7 +4,7 @@
     osteo run --profile real --data-root ../shared/data
     osteo run --profile smoke --from 02_shoulder_mae      # a new run that reuses the earlier stages of the last run
     osteo run --profile smoke --only 00_data_audit
-    osteo run --profile smoke --jobs 2        # the grid cells of each step two at a time
+    osteo run --profile smoke --jobs 1        # one execution after another (default: auto, see below)
     osteo run --profile real --only 04 --cell 3 --parent runs/<run>   # exactly one grid cell (Slurm arrays)
     osteo collect --profile real runs/cells/*   # the cells' run folders gathered into one, tables written
     osteo run --resume runs/<run>             # continue a killed or failed run from its first unfinished execution
@@ -34,9 +34,11 @@ job is a child process (``python -m osteolib.cli.osteo`` executing one notebook;
 pinned to its share of this process's cores (``sched_setaffinity``, with ``OMP_NUM_THREADS``/``MKL_NUM_THREADS``
 = cores per job) and, when GPUs exist, to one GPU (``CUDA_VISIBLE_DEVICES``; at most one job per GPU). A job's
 cell output goes to ``<run>/logs/<execution>.log``. When a cell fails, the running cells finish, no new one
-starts, and the error names every failed notebook with its kept executed copy. ``--jobs 1`` (the default) is
-the sequential loop, unchanged. A cell's numbers depend on its seed and on its thread count (CPU reductions are
-split by thread): ``--jobs 2`` on two cores reproduces ``--jobs 1`` on one core bit for bit.
+starts, and the error names every failed notebook with its kept executed copy. A step with fewer executions than
+jobs (a single notebook such as 00 or 05) shares all the cores among its executions. ``--jobs auto`` (the default)
+is one job per GPU when GPUs are visible, else one per core up to :data:`MAX_AUTO_JOBS`; ``--jobs 1`` is the
+sequential loop, unchanged. A cell's numbers depend on its seed and on its thread count (CPU reductions are split
+by thread): ``--jobs 2`` on two cores reproduces ``--jobs 1`` on one core bit for bit.
 
 Scheduler arrays: ``--cell K`` runs one cell into its own run folder; ``osteo collect`` gathers such folders into
 one (:func:`osteolib.runs.gather_runs`) and runs the step's ``after`` collection.
@@ -208,6 +210,47 @@ class Slot:
         return env
 
 
+# --jobs auto on a CPU machine: one job per core, but no more than this many at once (each is a kernel with its own
+# copy of the model and image cache; beyond a few, memory grows faster than throughput)
+MAX_AUTO_JOBS = 4
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def auto_jobs(cores: Sequence[int] | None = None, gpus: int | None = None) -> int:
+    """``--jobs auto``: one job per visible GPU, else one per core of this process up to :data:`MAX_AUTO_JOBS`."""
+    cores = sorted(os.sched_getaffinity(0)) if cores is None else list(cores)
+    gpus = _visible_gpus() if gpus is None else gpus
+    return gpus if gpus else max(1, min(len(cores), MAX_AUTO_JOBS))
+
+
+def parse_jobs(value: str | int) -> int:
+    """``--jobs`` as given: ``auto`` or an int >= 1."""
+    if str(value).strip().lower() == "auto":
+        return auto_jobs()
+    try:
+        jobs = int(value)
+    except (TypeError, ValueError):
+        jobs = 0
+    if jobs < 1 or str(jobs) != str(value).strip():
+        raise ProfileError(f"--jobs {value!r}: give `auto` or a whole number >= 1")
+    return jobs
+
+
+def step_slots(slots: Sequence[Slot], executions: int) -> list[Slot]:
+    """The slots a step with ``executions`` executions runs on: all of them, or, for a step with fewer executions
+    than slots, every core shared among its executions (a single notebook gets all the cores, not one job's share)."""
+    if executions >= len(slots):
+        return list(slots)
+    cores = sorted(c for s in slots for c in s.cores)
+    per_job = len(cores) // executions
+    return [Slot(tuple(cores[k * per_job:(k + 1) * per_job]), slots[k].gpu) for k in range(executions)]
+
+
 def plan_slots(jobs: int, cores: Sequence[int] | None = None, gpus: int | None = None) -> list[Slot]:
     """Split this process's cores (``sched_getaffinity``) into ``jobs`` equal, disjoint shares, each with its own
     GPU when GPUs exist. ``cores``/``gpus`` default to this machine's."""
@@ -215,9 +258,7 @@ def plan_slots(jobs: int, cores: Sequence[int] | None = None, gpus: int | None =
         raise ProfileError(f"--jobs must be an int >= 1 (got {jobs!r})")
     cores = sorted(os.sched_getaffinity(0)) if cores is None else sorted(cores)
     if gpus is None:
-        import torch
-
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        gpus = _visible_gpus()
     if jobs > len(cores):
         raise ProfileError(f"--jobs {jobs} but this process may use {len(cores)} core(s) {cores}: at most one job "
                            f"per core")
@@ -514,7 +555,7 @@ def _execute_plan(run: runs.Run, plan: Sequence[Execution], after: dict[str, str
                               f"{'done' if record['status'] == 'ok' else record['status'].upper()} in "
                               f"{record['seconds']:.0f} s", flush=True)
 
-                    run_cells(todo, slots[:len(todo)], lambda e, s: execute_pinned(e, run, s), finished)
+                    run_cells(todo, step_slots(slots, len(todo)), lambda e, s: execute_pinned(e, run, s), finished)
                     resume_point()  # nothing runs now: every finished cell is kept from here on
                 if after.get(notebook) and run_after and notebook not in after_done \
                         and all(e.name in done for e in cells):
@@ -612,6 +653,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("osteolib.cli.predict", "apply a trained model of a run to new X-rays"),
     "init": ("osteolib.cli.init", "write a profile for a folder of X-rays"),
     "report": ("osteolib.cli.report", "(re)build the HTML and PDF report of a run folder"),
+    "bench": ("osteolib.cli.bench", "measure osteolib's speed beside plain references (bench/results/)"),
 }
 
 
@@ -630,9 +672,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="override a shared profile parameter (YAML value)")
     run_p.add_argument("--runs-dir", help="where run folders go (default: runs/ in the repository)")
     run_p.add_argument("--quiet", action="store_true", help="show a progress bar instead of the cells' output")
-    run_p.add_argument("--jobs", "-j", type=int, default=1,
+    run_p.add_argument("--jobs", "-j", default="auto",
                        help="run each step's grid cells N at a time, each pinned to its share of the cores (or one "
-                            "GPU); default 1: one after another")
+                            f"GPU); 1: one after another; default auto: one per GPU, else one per core (at most "
+                            f"{MAX_AUTO_JOBS})")
     run_p.add_argument("--cell", type=int, help="run only the K-th (0-based) of the selected executions, as "
                                                 "`osteo list` numbers them (e.g. $SLURM_ARRAY_TASK_ID)")
     run_p.add_argument("--resume", metavar="RUN", help="continue this killed, interrupted or failed run folder from "
@@ -685,14 +728,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             if given:
                 raise ProfileError(f"--resume continues a run with its own parameters and selection; drop "
                                    f"{', '.join(given)}")
-            resume_run(args.resume, jobs=args.jobs, log_output=not args.quiet)
+            resume_run(args.resume, jobs=parse_jobs(args.jobs), log_output=not args.quiet)
             return 0
         overrides = parse_overrides(args.set)
         if args.data_root:
             overrides["data_root"] = str(Path(args.data_root).expanduser().resolve())
             overrides.origins["data_root"] = f"--data-root {args.data_root}"
         run_profile(args.profile, only=args.only, start=args.start, parent=args.parent, overrides=overrides,
-                    runs_dir=args.runs_dir, log_output=not args.quiet, jobs=args.jobs, cell=args.cell)
+                    runs_dir=args.runs_dir, log_output=not args.quiet, jobs=parse_jobs(args.jobs), cell=args.cell)
     except (ProfileError, RunFailed, RuntimeError, FileNotFoundError) as err:
         print(f"osteo: error: {err}", file=sys.stderr)
         return 1

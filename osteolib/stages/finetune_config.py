@@ -34,7 +34,7 @@ class FinetuneConfig:
 
     ``base_lr`` is scaled by ``batch_size / 256`` (MAE's rule, via ``TrainConfig(base_lr=...)``): the
     default 6.25e-5 gives a peak lr of 7.8e-6 at batch 32 and 6.25e-5 at batch 256.
-    ``patch_size`` (ViT only): None takes the pretraining checkpoint's, else 16. ``mixup`` / ``cutmix``
+    ``patch_size`` (ViT only): None takes the pretraining checkpoint's, else 16 (8 below 128 px). ``mixup`` / ``cutmix``
     are the Beta-distribution alphas of timm's Mixup (0 = off). ``layer_decay`` None (or 1.0) turns
     layer-wise decay off. ``threshold_method``: how the validation predictions fix the decision threshold.
     ``init_checkpoint``: a weights file the user brings (timm state dict, medical-MAE ``{"model": ...}`` or an

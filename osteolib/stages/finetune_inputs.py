@@ -20,7 +20,7 @@ from osteolib import models
 from osteolib.data import check_no_leakage, split_targets
 from osteolib.runs import Run
 from osteolib.stages.finetune_config import FinetuneConfig, is_number
-from osteolib.stages.pretrain import find_checkpoint
+from osteolib.stages.pretrain import default_patch_size, find_checkpoint
 from osteolib.study import PRETRAINING_BACKBONES
 from osteolib.utils import size_pair
 
@@ -205,7 +205,7 @@ def classifier_architecture(config: FinetuneConfig, run: Run) -> tuple[Path | No
             raise models.CheckpointMismatchError(
                 f"{what}: {checkpoint} uses patch_size {saved_patch}, but patch_size={config.patch_size}; "
                 f"leave patch_size=None to take the checkpoint's")
-        kwargs["patch_size"] = config.patch_size or saved_patch or 16
+        kwargs["patch_size"] = config.patch_size or saved_patch or default_patch_size("vit_small", config.image_size)
         kwargs["drop_path_rate"] = float(config.drop_path)
     return checkpoint, kwargs
 

@@ -43,6 +43,15 @@ DEFAULT_MASK_RATIO = {"vit_small": 0.9, "densenet121": 0.6}
 # the CNN masks on a 16-px grid, not on its 32-px stride (SimMIM's grid at 192 px): at 128 px a 32-px grid leaves
 # 4 x 4 patches, too coarse to predict from each other, and the real chest pool's DenseNet learned a template on it
 DEFAULT_PATCH = {"vit_small": 16, "densenet121": 16}
+# below 128 px the ViT's 16-px patches leave too few tokens (16 at 64 px) to hide 75-90 % of: it takes 8-px patches
+SMALL_IMAGE_VIT_PATCH = 8
+
+
+def default_patch_size(backbone: str, image_size: int | None = None) -> int:
+    """The patch (ViT) or masking grid (CNN) a stage takes when none is set: 16, the ViT's 8 below 128 px."""
+    if backbone == "vit_small" and image_size is not None and image_size < 128:
+        return SMALL_IMAGE_VIT_PATCH
+    return DEFAULT_PATCH.get(backbone, 16)
 
 
 @dataclass
@@ -52,7 +61,7 @@ class PretrainConfig:
     scenario: str
     backbone: str
     image_size: int = 128
-    patch_size: int | None = None  # ViT patch / the CNN's masking grid; None: 16 (DEFAULT_PATCH)
+    patch_size: int | None = None  # ViT patch / the CNN's masking grid; None: default_patch_size
     mask_ratio: float | None = None  # None: 0.9 for the ViT MAE, 0.6 for the masked CNN
     norm_pix_loss: bool = True
     crop_mode: str = "random"  # "random" | "center" | "none"
@@ -74,7 +83,7 @@ class PretrainConfig:
         if self.backbone not in PRETRAINING_BACKBONES:
             raise ValueError(f"backbone {self.backbone!r} has no pretraining objective here; choose one of "
                              f"{PRETRAINING_BACKBONES}")
-        self.patch_size = self.patch_size or DEFAULT_PATCH[self.backbone]
+        self.patch_size = self.patch_size or default_patch_size(self.backbone, self.image_size)
         self.mask_ratio = DEFAULT_MASK_RATIO[self.backbone] if self.mask_ratio is None else float(self.mask_ratio)
         self.crop_scale = (float(self.crop_scale[0]), float(self.crop_scale[1]))
         if not 0 <= self.warmup_epochs < self.epochs:

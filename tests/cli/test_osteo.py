@@ -174,6 +174,26 @@ def test_plan_slots_splits_cores_and_gives_each_job_one_gpu():
         plan_slots(0, cores=[0], gpus=0)
 
 
+def test_jobs_auto_is_one_per_gpu_else_per_core_and_a_small_step_gets_every_core(monkeypatch):
+    import osteolib.cli.osteo as runner
+    from osteolib.cli.osteo import MAX_AUTO_JOBS, Slot, auto_jobs, parse_jobs, step_slots
+
+    assert auto_jobs(cores=[0, 1], gpus=0) == 2
+    assert auto_jobs(cores=range(32), gpus=0) == MAX_AUTO_JOBS
+    assert auto_jobs(cores=range(32), gpus=3) == 3
+    assert auto_jobs(cores=[0], gpus=0) == 1
+    monkeypatch.setattr(runner, "auto_jobs", lambda: 7)
+    assert parse_jobs("auto") == 7 and parse_jobs("3") == 3 and parse_jobs(2) == 2
+    for bad in ("0", "-1", "two", "1.5"):
+        with pytest.raises(ProfileError, match="give `auto` or a whole number"):
+            parse_jobs(bad)
+    slots = [Slot((0, 1)), Slot((2, 3))]
+    assert step_slots(slots, 5) == slots
+    assert step_slots(slots, 1) == [Slot((0, 1, 2, 3))]  # a single notebook (00, 05) is not left on half the cores
+    gpu_slots = [Slot((0,), 0), Slot((1,), 1), Slot((2,), 2)]
+    assert step_slots(gpu_slots, 1) == [Slot((0, 1, 2), 0)]
+
+
 def test_run_cells_keeps_n_running_never_shares_a_slot_and_stops_starting_after_a_failure():
     import threading
     import time
@@ -232,7 +252,9 @@ def test_run_profile_with_jobs_runs_steps_in_order_and_collects_after_all_cells(
     after_at = notebooks.index("after")
     assert all(n != "04_finetune" for n in notebooks[after_at:]) and notebooks[after_at + 1] == "05_gradcam_statistics"
     assert notebooks[-1] == profile.notebooks[-1]
-    assert {e[2].cores for e in events if e[0] != "after"} == {(0, 1), (2, 3)}
+    grid_cores = {e[2].cores for e in events if e[0] in ("03_rotation_proxy", "04_finetune")}
+    single_cores = {e[2].cores for e in events if e[0] in ("05_gradcam_statistics", "06_image_text")}
+    assert grid_cores == {(0, 1), (2, 3)} and single_cores == {(0, 1, 2, 3)}  # a one-notebook step on every core
     info = json.loads((run.path / "run.json").read_text())
     assert info["status"] == "complete"
     assert [r["name"] for r in info["executions"]] == expected and all(r["status"] == "ok" for r in info["executions"])

@@ -81,7 +81,7 @@ WHOLE_SEQUENCE = f"""\
     parameters: {{max_cam_images: 6, cam_methods: [gradcam, eigencam], n_boot: 200, randomisation_steps: 2,
                  max_faithfulness_images: 2, confounder_check: false}}
   - notebook: 06_image_text
-    parameters: {{scenario: chest_mae, align_epochs: 1, epochs: 1, batch_size: 16}}
+    parameters: {{scenario: chest_mae, backbone: densenet121, align_epochs: 1, epochs: 1, batch_size: 16}}
   - notebook: 07_report
     after: report
 """
