@@ -214,17 +214,29 @@ def discrimination(inputs: ReportInputs) -> list[Block]:
         if summary is not None:
             blocks += ["**Paired tests against random initialisation** (DeLong for AUC, McNemar for accuracy, "
                        "Holm-corrected over the whole family): " + summary.read_text().strip()]
-            table = inputs.table("tables/05_significance.csv", "05_gradcam_statistics")
-            keep = [c for c in ("backbone", "seed", "scenario", "reference", "test", "n", "value", "value_reference",
-                                "effect", "effect_ci_low", "effect_ci_high", "p_value", "p_holm", "significant")
-                    if c in table.columns]
-            blocks.append(table[keep] if keep else table)
+            blocks.append(paired_tests_table(inputs.table("tables/05_significance.csv", "05_gradcam_statistics")))
         else:
             blocks.append("No paired tests: the grid has no random-initialisation baseline to compare with.")
     efficiency = inputs.optional("figures/label_efficiency.png")
     if efficiency is not None:
         blocks += ["**Label efficiency**: test AUC against the share of training labels.", efficiency]
     return blocks
+
+
+TEST_LABELS = {"delong_auc": "AUC (DeLong)", "mcnemar_accuracy": "accuracy (McNemar)"}
+
+
+def paired_tests_table(tests: pd.DataFrame) -> pd.DataFrame:
+    """The paired tests of notebook 05 in seven columns, narrow enough for an A4 page: model, seed, measure, the
+    model's value beside its reference's, the difference with its CI, raw and Holm p."""
+    rows = []
+    for _, r in tests.iterrows():
+        rows.append({"model": _model(r["backbone"], r["scenario"]), "seed": r["seed"],
+                     "measure": TEST_LABELS.get(r["test"], r["test"]),
+                     "value vs reference": f"{r['value']:.3f} vs {r['value_reference']:.3f} ({r['reference']})",
+                     "difference [95 % CI]": _ci(r["effect"], r["effect_ci_low"], r["effect_ci_high"]),
+                     "p": _p(r["p_value"]), "p (Holm)": _p(r["p_holm"])})
+    return pd.DataFrame(rows)
 
 
 def table1(summary: pd.DataFrame) -> pd.DataFrame:

@@ -79,3 +79,21 @@ def test_a_browser_that_fails_to_print_leaves_the_html_and_says_why(tmp_path, mo
     files = export.export_report(executed_notebook(tmp_path / "07.ipynb"), tmp_path, stem="report")
     assert files.html.is_file() and files.pdf is None
     assert files.pdf_note.startswith("printing with /bin/false failed") and "exit 1" in files.pdf_note
+
+
+def test_the_paired_tests_fit_a_page_and_keep_their_p_values():
+    import pandas as pd
+
+    from osteolib.report.sections import paired_tests_table
+
+    tests = pd.DataFrame([{"backbone": "densenet121", "seed": 0, "scenario": "chest_mae", "reference": "random",
+                           "test": "delong_auc", "n": 107, "value": 0.7723, "value_reference": 0.7744,
+                           "effect": -0.0021, "effect_ci_low": -0.0433, "effect_ci_high": 0.0391,
+                           "p_value": 0.000412, "p_holm": 0.0198, "significant": True}])
+    table = paired_tests_table(tests)
+    assert list(table.columns) == ["model", "seed", "measure", "value vs reference", "difference [95 % CI]", "p",
+                                   "p (Holm)"]  # seven columns: a 14-column table was cut at the A4 page's edge
+    row = table.iloc[0]
+    assert row["measure"] == "AUC (DeLong)" and row["value vs reference"] == "0.772 vs 0.774 (random)"
+    assert row["difference [95 % CI]"] == "-0.002 [-0.043, 0.039]"
+    assert (row["p"], row["p (Holm)"]) == ("< 0.001", "0.020")
