@@ -54,6 +54,9 @@ steps:
       dataset: synthetic_shoulder
       dataset_options: {{n_patients: 40, difficulty: 0.2, confounder: 0.0, size: {size}}}
       split_seed: 0
+      # the copy detector pairs synthetic look-alikes rendered at 128 px (20 matching keypoints, measured
+      # 2026-12-06); this run only has to give a model to time, so its split is not policed
+      near_duplicates: ignore
   - notebook: 04_finetune
     parameters: {{scenario: random, backbone: {backbone}, epochs: 1, batch_size: 16, warmup_epochs: 0,
                  base_lr: 0.02, layer_decay: null, randaug_magnitude: null{patch}}}

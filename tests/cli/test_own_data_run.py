@@ -180,7 +180,7 @@ def table_run(tmp_path_factory) -> Path:
     table_lab = write_lab_folder(tmp / "xrays", n_patients=40, size=256, copy_fraction=0.2, n_dicom=3, seed=5,
                                  layout="csv")
     later = WHOLE_SEQUENCE.replace("LAB", str(table_lab.root)).replace(
-        "{scenario: chest_mae, align_epochs: 1", "{scenario: chest_mae, text_column: report, align_epochs: 1")
+        "{scenario: chest_mae, backbone: densenet121,", "{scenario: chest_mae, backbone: densenet121, text_column: report,")
     path = profile(tmp, "own_table", table_lab, "csv", "group", later, external_test=EXTERNAL)
     return run_profile(str(path), runs_dir=tmp / "runs", log_output=False).path
 

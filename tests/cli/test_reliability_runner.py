@@ -65,7 +65,7 @@ def first_error_line(capsys) -> str:
 
 @pytest.mark.parametrize("value, expected", [
     ("abc", "osteo: error: profile tiny_resume, step 00_data_audit: image_size=abc from --set image_size=abc: "
-            "must be an int (the notebook's default is 128)"),
+            "must be an int (the notebook's default is 64)"),
     ("-5", "osteo: error: profile tiny_resume, step 00_data_audit: image_size=-5 from --set image_size=-5: "
            "must be an int >= 16 pixels"),
 ])
