@@ -153,7 +153,7 @@ def test_set_wins_over_step_values_and_run_json_records_what_ran(tiny, tmp_path,
     monkeypatch.setattr(runner, "check_kernel", lambda: None)
     monkeypatch.setattr(runner, "execute", fake_execute(ran))
     monkeypatch.setitem(runner.AFTER_STEP, "results_tables", lambda run: None)
-    assert main(["run", "--profile", str(tiny), "--set", "split_seed=5", "epochs=2", "--runs-dir",
+    assert main(["run", "--jobs", "1", "--profile", str(tiny), "--set", "split_seed=5", "epochs=2", "--runs-dir",
                  str(tmp_path / "runs"), "--quiet"]) == 0
     given = dict(ran)
     assert given["00_data_audit"]["split_seed"] == 5  # the step said 0
@@ -251,7 +251,7 @@ def test_sigterm_marks_the_run_interrupted_and_resume_continues_it(tiny, tmp_pat
     monkeypatch.setattr(runner, "check_kernel", lambda: None)
     monkeypatch.setattr(runner, "execute", execute)
     monkeypatch.setitem(runner.AFTER_STEP, "results_tables", lambda run: tables.append(run.path))
-    assert main(["run", "--profile", str(tiny), "--runs-dir", str(tmp_path / "runs"), "--quiet"]) == 128 + 15
+    assert main(["run", "--jobs", "1", "--profile", str(tiny), "--runs-dir", str(tmp_path / "runs"), "--quiet"]) == 128 + 15
     (folder,) = (tmp_path / "runs").iterdir()
     info = json.loads((folder / "run.json").read_text())
     assert info["status"] == "interrupted" and runs.Run(folder).status == "interrupted"
@@ -261,7 +261,7 @@ def test_sigterm_marks_the_run_interrupted_and_resume_continues_it(tiny, tmp_pat
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the runner's handler is gone again
     kept = (folder / "predictions" / f"{CELLS[0]}.csv").stat().st_mtime_ns
 
-    assert main(["run", "--resume", str(folder), "--quiet"]) == 0
+    assert main(["run", "--jobs", "1", "--resume", str(folder), "--quiet"]) == 0
     assert [name for name, _ in ran] == ["00_data_audit", CELLS[0], CELLS[1], CELLS[1]]  # only the unfinished one
     info = json.loads((folder / "run.json").read_text())
     assert info["status"] == "complete" and [r["status"] for r in info["executions"]] == ["ok", "ok", "ok"]
@@ -291,7 +291,8 @@ def test_sigterm_marks_the_run_interrupted_and_resume_continues_it(tiny, tmp_pat
 
 
 def osteo(*args: str) -> list[str]:
-    return [sys.executable, "-m", "osteolib.cli.osteo", *args]
+    # the sequential path (--jobs 1): its resume point follows every execution, which these tests kill between
+    return [sys.executable, "-m", "osteolib.cli.osteo", *args, *(["--jobs", "1"] if args[:1] == ("run",) else [])]
 
 
 def deterministic_files(run: Path) -> dict[str, bytes]:
