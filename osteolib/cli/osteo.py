@@ -246,9 +246,8 @@ def step_slots(slots: Sequence[Slot], executions: int) -> list[Slot]:
     than slots, every core shared among its executions (a single notebook gets all the cores, not one job's share)."""
     if executions >= len(slots):
         return list(slots)
-    cores = sorted(c for s in slots for c in s.cores)
-    per_job = len(cores) // executions
-    return [Slot(tuple(cores[k * per_job:(k + 1) * per_job]), slots[k].gpu) for k in range(executions)]
+    gpus = sum(s.gpu is not None for s in slots)
+    return plan_slots(executions, cores=[c for s in slots for c in s.cores], gpus=gpus)
 
 
 def plan_slots(jobs: int, cores: Sequence[int] | None = None, gpus: int | None = None) -> list[Slot]:
