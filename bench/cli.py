@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, help="steady-state seconds per training measurement (default 12)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="add the torch.compile rows (default: on, off with --quick)")
+    parser.add_argument("--profile", action="store_true",
+                        help="after each row's timed runs, run both sides once more under torch.profiler and cProfile "
+                             "and add where their time goes to the results (the figures themselves are unprofiled)")
     parser.add_argument("--predict-run", help="run folder with a fine-tuned model for the predict rows (default: "
                                               "make a tiny one first)")
 
@@ -55,7 +58,8 @@ def settings_from(args: argparse.Namespace, argv: Sequence[str] = ()) -> Setting
     families = tuple(name for name in FAMILIES if name in args.only) if args.only else tuple(FAMILIES)
     return Settings(families=families, quick=args.quick, threads=args.threads or _cores(), out=Path(args.out),
                     images=args.images, size=args.size, seconds=args.seconds, compile=args.compile,
-                    predict_run=args.predict_run, argv=tuple(argv))
+                    predict_run=args.predict_run, profile=args.profile,
+                    argv=tuple(argv))
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m bench") -> int:

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 
 from bench.machine import LoadWatch
+from bench.profiling import profile_side
 from bench.timing import Measurement, with_peak_memory
 
 
@@ -39,7 +40,21 @@ def _side(measure: Callable[[], Measurement], threads: int,
         return None, f"{type(err).__name__}: {err}"[:2000]
 
 
-def measure_row(plan: Plan, threads: int, device: torch.device) -> dict[str, Any]:
+def _profiles(plan: Plan, threads: int, measured: dict[str, Any]) -> dict[str, Any]:
+    """Each measured side once more under the profilers (:mod:`bench.profiling`), after the timed runs."""
+    found: dict[str, Any] = {}
+    for side, measure in (("osteolib", plan.osteolib), ("reference", plan.reference)):
+        if measured[side] is None:
+            continue
+        torch.set_num_threads(threads)
+        try:
+            found[side] = profile_side(measure)
+        except Exception as err:  # a profiler failure must not lose the row's figures
+            found[side] = {"error": f"{type(err).__name__}: {err}"[:500]}
+    return found
+
+
+def measure_row(plan: Plan, threads: int, device: torch.device, profile: bool = False) -> dict[str, Any]:
     with LoadWatch(threads) as watch:
         ours, our_error = _side(plan.osteolib, threads, device)
         theirs, their_error = (None, "not measured: the osteolib side failed") if ours is None \
@@ -50,6 +65,7 @@ def measure_row(plan: Plan, threads: int, device: torch.device) -> dict[str, Any
     errors = [f"osteolib: {our_error}"] if our_error else []
     if their_error and ours is not None:
         errors.append(f"reference: {their_error}")
+    profiles = _profiles(plan, threads, {"osteolib": ours, "reference": theirs}) if profile else None
     return {
         "family": plan.family, "name": plan.name, "unit": plan.unit,
         "osteolib": None if ours is None else ours.value, "reference": None if theirs is None else theirs.value,
@@ -61,5 +77,6 @@ def measure_row(plan: Plan, threads: int, device: torch.device) -> dict[str, Any
         "osteolib_detail": None if ours is None else dict(ours.detail),
         "reference_detail": None if theirs is None else dict(theirs.detail),
         "error": "; ".join(errors) or None,
+        "profile": profiles,
     }
 

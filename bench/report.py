@@ -8,6 +8,8 @@ from typing import Any
 
 from osteolib.utils import to_json
 
+from bench.profiling import profile_markdown
+
 
 def _number(value: float | None) -> str:
     if value is None:
@@ -53,6 +55,7 @@ def markdown_table(record: dict[str, Any]) -> str:
         lines += ["", "Notes:", *notes]
     if errors:
         lines += ["", "Errors:", *errors]
+    lines += profile_markdown(record["rows"])
     return "\n".join(lines) + "\n"
 
 

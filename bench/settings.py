@@ -35,6 +35,7 @@ class Settings:
     seconds: float | None = None
     compile: bool | None = None
     predict_run: str | None = None
+    profile: bool = False
     argv: tuple[str, ...] = field(default_factory=tuple)
 
     @property

@@ -40,7 +40,7 @@ def family_rows(family: str, ctx: Context) -> Iterator[dict[str, Any]]:
         return
     for plan in plans:
         print(f"bench: [{family}] {plan.name} ...", flush=True)
-        yield measure_row(plan, ctx.threads, ctx.device)
+        yield measure_row(plan, ctx.threads, ctx.device, profile=ctx.settings.profile)
 
 
 def _summary(row: dict[str, Any]) -> str:
@@ -63,7 +63,8 @@ def run(settings: Settings) -> int:
         "settings": {"families": list(settings.families), "image_size": settings.image_size,
                      "images": settings.images, "steady_seconds": settings.steady_seconds,
                      "warmup_steps": settings.warmup_steps, "min_steps": settings.min_steps,
-                     "max_steps": settings.max_steps, "torch_compile_rows": settings.use_compile},
+                     "max_steps": settings.max_steps, "torch_compile_rows": settings.use_compile,
+                     "profile": settings.profile},
         "load_average_at_start": os.getloadavg(), "rows": [], "interrupted": False,
     }
     print(f"bench: {record['machine']['cpu_model']}, {settings.threads} threads, device {device}, families "

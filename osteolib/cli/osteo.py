@@ -65,6 +65,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from osteolib import runs
 from osteolib.cli.kernel import KERNEL_NAME, check_kernel
+from osteolib.cli.memory import PeakMemory
 from osteolib.cli.profiles import (NOTEBOOKS_DIR, Execution, Profile, ProfileError, check_profile, check_values,
                                    load_profile, parameters_for, resolve_paths)
 
@@ -267,8 +268,9 @@ def plan_slots(jobs: int, cores: Sequence[int] | None = None, gpus: int | None =
     return [Slot(tuple(cores[k * per_job:(k + 1) * per_job]), k if gpus else None) for k in range(jobs)]
 
 
-def execute_pinned(execution: Execution, run: runs.Run, slot: Slot) -> Path:
-    """Execute one notebook in a child process pinned to ``slot``; its cell output goes to ``<run>/logs/``."""
+def execute_pinned(execution: Execution, run: runs.Run, slot: Slot) -> dict[str, Any]:
+    """Execute one notebook in a child process pinned to ``slot``; its cell output goes to ``<run>/logs/``.
+    Returns the fields it adds to the execution's record (its kernel's peak resident memory)."""
     log_path = run.dir("logs") / f"{execution.name}.log"
     command = [sys.executable, "-m", "osteolib.cli.osteo", "execute-one", "--run-dir", str(run.path),
                "--execution", json.dumps({"notebook": execution.notebook, "name": execution.name,
@@ -281,7 +283,8 @@ def execute_pinned(execution: Execution, run: runs.Run, slot: Slot) -> Path:
                                  preexec_fn=lambda: _child_setup(slot.cores))
         _CHILDREN.add(child)
         try:
-            returncode = child.wait()
+            with PeakMemory(child.pid) as peak:
+                returncode = child.wait()
         finally:
             _CHILDREN.discard(child)
     if returncode != 0:
@@ -289,7 +292,7 @@ def execute_pinned(execution: Execution, run: runs.Run, slot: Slot) -> Path:
         reason = error_path.read_text() if error_path.is_file() else \
             f"notebook {execution.name} failed (exit status {returncode})"
         raise RunFailed(f"{reason}\n  its log: {log_path}")
-    return run.path / "notebooks" / f"{execution.name}.ipynb"
+    return {"peak_rss_mb": peak.mb}
 
 
 _CHILDREN: set[subprocess.Popen] = set()  # the --jobs children running now
@@ -324,6 +327,7 @@ def run_cells(executions: Sequence[Execution], slots: Sequence[Slot],
               execute_cell: Callable[[Execution, Slot], Any],
               on_done: Callable[[Execution, dict[str, Any]], None] = lambda e, r: None) -> list[dict[str, Any]]:
     """Run independent executions ``len(slots)`` at a time, each on a free slot; records in the given order.
+    A dict that ``execute_cell`` returns adds its fields to the execution's record.
 
     ``on_done(execution, record)`` is called (in this thread) as each finishes. After a failure no new execution
     starts; the running ones finish; then :class:`RunFailed` names every failure.
@@ -356,6 +360,8 @@ def run_cells(executions: Sequence[Execution], slots: Sequence[Slot],
                     error = future.exception()
                     if error is None:
                         record["status"] = "ok"
+                        if isinstance(future.result(), dict):
+                            record.update(future.result())
                     else:
                         record.update(status="failed", error=str(error))
                         failures.append(str(error))
@@ -482,6 +488,10 @@ def resume_run(run_dir: str | Path, jobs: int = 1, log_output: bool = True, wait
     return run
 
 
+def _peak_text(record: dict[str, Any]) -> str:
+    return f", peak memory {record['peak_rss_mb'] / 1024:.1f} GiB" if record.get("peak_rss_mb") else ""
+
+
 def _execute_plan(run: runs.Run, plan: Sequence[Execution], after: dict[str, str], slots: list[Slot] | None,
                   log_output: bool = True, run_after: bool = True, done: set[str] | None = None,
                   after_done: set[str] | None = None, records: list[dict[str, Any]] | None = None) -> None:
@@ -525,20 +535,22 @@ def _execute_plan(run: runs.Run, plan: Sequence[Execution], after: dict[str, str
                         t0 = time.perf_counter()
                         record = record_of(execution)
                         try:
-                            execute(execution, run, log_output=log_output)
+                            with PeakMemory(os.getpid()) as peak:
+                                execute(execution, run, log_output=log_output)
                         except BaseException as err:
                             record.update(status="interrupted" if isinstance(err, KeyboardInterrupt) else "failed",
                                           seconds=round(time.perf_counter() - t0, 1),
                                           error=str(err) or type(err).__name__)
                             records.append(record)
                             raise
-                        record.update(status="ok", seconds=round(time.perf_counter() - t0, 1))
+                        record.update(status="ok", seconds=round(time.perf_counter() - t0, 1),
+                                      peak_rss_mb=peak.mb)
                         records.append(record)
                         done.add(execution.name)
                         save()
                         resume_point()
-                        print(f"osteo: [{counter}/{todo_total}] {execution.name} done in {record['seconds']:.0f} s",
-                              flush=True)
+                        print(f"osteo: [{counter}/{todo_total}] {execution.name} done in {record['seconds']:.0f} s"
+                              f"{_peak_text(record)}", flush=True)
                 elif todo:
                     print(f"osteo: {notebook}: {len(todo)} execution(s)", flush=True)
 
@@ -552,7 +564,7 @@ def _execute_plan(run: runs.Run, plan: Sequence[Execution], after: dict[str, str
                         save()
                         print(f"osteo: [{counter}/{todo_total}] {execution.name} "
                               f"{'done' if record['status'] == 'ok' else record['status'].upper()} in "
-                              f"{record['seconds']:.0f} s", flush=True)
+                              f"{record['seconds']:.0f} s{_peak_text(record)}", flush=True)
 
                     run_cells(todo, step_slots(slots, len(todo)), lambda e, s: execute_pinned(e, run, s), finished)
                     resume_point()  # nothing runs now: every finished cell is kept from here on

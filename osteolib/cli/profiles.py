@@ -166,7 +166,8 @@ class Profile:
 
     @property
     def notebooks(self) -> list[str]:
-        return [s.notebook for s in self.steps]
+        """The notebooks in step order, each once (consecutive entries of one notebook run as one step)."""
+        return list(dict.fromkeys(s.notebook for s in self.steps))
 
 
 def display_path(path: str | os.PathLike | None) -> str:
@@ -432,6 +433,13 @@ def check_profile(profile: Profile, injected: tuple[str, ...] = ("run_dir",), da
         origin = profile.override_origins.get(name) if name in profile.overrides else profile._where(name)
         problems.append(f"{where}: shared parameter {name!r} ({origin or f'--set {name}'}) is declared by none of "
                         f"the profile's notebooks")
+    if not problems:
+        named: dict[str, int] = {}
+        for execution in profile.executions():
+            named[execution.name] = named.get(execution.name, 0) + 1
+        problems += [f"{where}: {count} executions are named {name!r}: their outputs would collide. Two entries of "
+                     f"one notebook must differ in a value their variants or grid set (put the value that tells them "
+                     f"apart in `variants`, not in `parameters`)" for name, count in named.items() if count > 1]
     if not problems:
         executions = profile.executions() if executions is None else list(executions)
         problems += check_overrides(profile, executions)

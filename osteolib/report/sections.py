@@ -396,6 +396,7 @@ def reproducibility(inputs: ReportInputs) -> list[Block]:
                               inputs.optional("data/external_manifest.csv"), inputs.optional("data/audit.json")) if p]
     executions = pd.DataFrame([{"execution": e.get("name"), "status": e.get("status"),
                                 "seconds": round(e["seconds"]) if e.get("seconds") is not None else None,
+                                "peak memory (MiB)": round(e["peak_rss_mb"]) if e.get("peak_rss_mb") else None,
                                 "cores": ",".join(str(c) for c in e.get("cores") or [])}
                                for e in info.get("executions", [])])
     parameters = pd.DataFrame([{"execution": e.get("name"), "parameters": json.dumps(e.get("parameters"), default=str)}
@@ -406,7 +407,7 @@ def reproducibility(inputs: ReportInputs) -> list[Block]:
             + ", ".join(f"{k} {v}" for k, v in packages.items() if v) + ".",
             "**Data files** of this run (sha256, first 16 hex digits): "
             + "; ".join(f"`{p.relative_to(p.parents[1])}` {_sha256(p)}" for p in data_files) + ".",
-            "**Timings** per execution:", executions,
+            "**Timings** per execution, with the peak resident memory of its notebook kernel:", executions,
             "**Parameters** of every execution (from the profile, as papermill received them):", parameters]
 
 

@@ -100,3 +100,21 @@ def test_osteo_bench_without_the_bench_folder(tmp_path, monkeypatch, capsys):
     command.add_arguments(parser.add_subparsers(dest="command").add_parser("bench"))
     assert command.run(parser.parse_args(["bench"])) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_profile_adds_where_each_sides_time_goes(tmp_path):
+    done = run_bench("--only", "cams", "--profile", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (written,) = tmp_path.glob("*.json")
+    rows = json.loads(written.read_text())["rows"]
+    for row in rows:
+        for side in ("osteolib", "reference"):
+            found = row["profile"][side]
+            assert found["wall_seconds"] > 0 and found["operators"] and found["python"]
+            # the shares are of the profiled run's own-time total: each in (0, 1], largest first
+            shares = [op["share"] for op in found["operators"]]
+            assert all(0 < s <= 1 for s in shares) and shares == sorted(shares, reverse=True)
+    # convolutions or matrix products dominate a CAM: the profile names the work, not the profiler's own frames
+    assert any("conv" in op["name"] or "mm" in op["name"] for op in rows[0]["profile"]["osteolib"]["operators"][:3])
+    assert "## Where the time goes (--profile)" in written.with_suffix(".md").read_text()

@@ -78,6 +78,20 @@ def test_profile_errors_name_the_problem(tmp_path):
         """)
     with pytest.raises(ProfileError, match="must be a non-empty list"):
         load_profile(bad_grid)
+    # two entries of one notebook told apart only by a step parameter: same execution names, colliding outputs
+    same_names = write_profile(tmp_path, """
+        steps:
+          - notebook: 04_finetune
+            parameters: {backbone: vit_small}
+            grid: {seed: [0]}
+          - notebook: 04_finetune
+            parameters: {backbone: densenet121}
+            grid: {seed: [0, 1]}
+        """)
+    with pytest.raises(ProfileError, match="2 executions are named '04_finetune-seed=0'.*put the value"):
+        check_profile(load_profile(same_names), data=False)
+    told_apart = same_names.read_text().replace("parameters: {backbone: vit_small}", "variants: [{backbone: vit_small}]")
+    check_profile(load_profile(write_profile(tmp_path, told_apart)), data=False)
 
 
 def test_select_only_and_from():
@@ -276,8 +290,8 @@ def test_jobs_1_is_the_sequential_path_and_cell_runs_one_execution_without_the_c
     run = run_profile(profile, only=["04"], cell=3, parent=tmp_path, runs_dir=tmp_path / "runs", log_output=False)
     assert ran == [grid[3]] and len(collected) == 1  # one cell: no results table from a partial grid
     assert json.loads((run.path / "run.json").read_text())["cell"] == 3
-    with pytest.raises(ProfileError, match="--cell 8 is out of range.*8 execution"):
-        select(profile, only=["04"], cell=8)
+    with pytest.raises(ProfileError, match="--cell 6 is out of range.*6 execution"):
+        select(profile, only=["04"], cell=6)
 
 
 def test_collect_gathers_cell_runs_into_one_folder_and_runs_the_step_collection(tmp_path, monkeypatch):
