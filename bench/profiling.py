@@ -61,6 +61,9 @@ def profile_markdown(rows: list[dict[str, Any]]) -> list[str]:
             found = profiled.get(side)
             if not found:
                 continue
+            if "error" in found:
+                lines += [f"**{side}**: the profiled run failed ({found['error']}).", ""]
+                continue
             lines.append(f"**{side}** ({found['wall_seconds']} s under the profilers). Operators by own CPU time: "
                          + "; ".join(f"`{o['name']}` {o['share']:.0%}" for o in found["operators"][:6])
                          + ". Python functions by own time: "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import statistics
+import tempfile
 from pathlib import Path
 
 from osteolib.data import read_manifest
@@ -78,8 +79,12 @@ def plans(ctx) -> list[Plan]:
 
     def command(overlays: bool):
         def side() -> Measurement:
-            seconds = [_checked(time_command, run, model, files, scratch / f"{'overlays' if overlays else 'csv'}-{k}",
-                                overlays, None) for k in range(repeats)]
+            # a new folder per call: `osteo predict` never writes over earlier predictions, and --profile calls again
+            calls = scratch / f"{'overlays' if overlays else 'csv'}-calls"
+            calls.mkdir(exist_ok=True)
+            folder = Path(tempfile.mkdtemp(dir=calls))
+            seconds = [_checked(time_command, run, model, files, folder / str(k), overlays, None)
+                       for k in range(repeats)]
             return Measurement(count / statistics.median(seconds),
                                {"path": "osteo predict (in-process)", "seconds": seconds, "overlays": overlays})
         return side
