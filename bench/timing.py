@@ -123,4 +123,5 @@ def once(side: Callable[[], Measurement]) -> Callable[[], Measurement]:
             kept.append(side())
             return kept[0]
         return replace(kept[0], detail={**kept[0].detail, "measured_for_an_earlier_row": True})
+    shared.side = side  # type: ignore[attr-defined]  # the work itself, for --profile to run again
     return shared
