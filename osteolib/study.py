@@ -12,6 +12,18 @@ PRETRAINING_BACKBONES = ("vit_small", "densenet121")
 # the pretraining scenario each pretraining notebook trains (notebook 02: its crop_mode decides)
 NOTEBOOK_SCENARIO = {"01_chest_mae": "chest_mae", "02_shoulder_mae": "chest_mae+target_mae_{crop_mode}",
                      "03_rotation_proxy": "chest_mae+rotation"}
+# the earlier notebooks whose outputs each notebook reads (besides the data of its own parameters). With --jobs the
+# runner starts a notebook's executions beside others once these are done (03 and 06 do not wait for 02 or 05); a
+# notebook not listed here (07_report, a lab's own) waits for every notebook listed before it in the profile.
+NOTEBOOK_NEEDS = {
+    "00_data_audit": (),
+    "01_chest_mae": ("00_data_audit",),  # keeps the external test set's patients out of the chest pool
+    "02_shoulder_mae": ("00_data_audit", "01_chest_mae"),
+    "03_rotation_proxy": ("00_data_audit", "01_chest_mae"),  # starts from the chest MAE encoder
+    "04_finetune": ("00_data_audit", "01_chest_mae", "02_shoulder_mae", "03_rotation_proxy"),
+    "05_gradcam_statistics": ("00_data_audit", "04_finetune"),  # and 04's results tables (its `after`)
+    "06_image_text": ("00_data_audit",),
+}
 # which notebook writes each scenario's checkpoint (for error messages)
 WRITTEN_BY = {"chest_mae": "01_chest_mae", "chest_mae+target_mae_random": "02_shoulder_mae (crop_mode='random')",
               "chest_mae+target_mae_center": "02_shoulder_mae (crop_mode='center')",

@@ -24,12 +24,13 @@ Interruptions: SIGTERM and SIGINT mark the run ``interrupted`` in run.json (the 
 are stopped); after a SIGKILL a reader sees ``running`` with a dead pid and reports ``interrupted``
 (:attr:`osteolib.runs.Run.status`). ``--resume RUN`` keeps the executions completed at the run's last resume point,
 moves whatever the unfinished ones wrote into ``<run>/unfinished/<attempt>/`` and continues with the same plan, so
-it reaches the files an uninterrupted run writes. With ``--jobs N`` the resume point is taken between steps, so the
-cells of an interrupted step are all redone. ``--from`` without ``--parent`` takes the earlier stages from the latest
+it reaches the files an uninterrupted run writes. With ``--jobs N`` the resume point is taken between waves, so the
+cells of an interrupted wave are all redone. ``--from`` without ``--parent`` takes the earlier stages from the latest
 *complete* run of the same profile.
 
 Parallel grid cells (``--jobs N``): the executions of one step (its variants x grid) are independent, so N of them
-run at a time; steps still run in order and a step's ``after`` collection runs once all its cells are done. Each
+run at a time; so are steps whose notebooks do not read each other's outputs (:mod:`osteolib.cli.schedule`: 03 runs
+beside 02, 06 beside 01). Such waves run in order, and a step's ``after`` collection runs once its wave is done. Each
 job is a child process (``python -m osteolib.cli.osteo`` executing one notebook; its kernel inherits the pinning)
 pinned to its share of this process's cores (``sched_setaffinity``, with ``OMP_NUM_THREADS``/``MKL_NUM_THREADS``
 = cores per job) and, when GPUs exist, to one GPU (``CUDA_VISIBLE_DEVICES``; at most one job per GPU). A job's
@@ -66,6 +67,7 @@ from typing import Any, Callable, Iterator, Sequence
 from osteolib import runs
 from osteolib.cli.kernel import KERNEL_NAME, check_kernel
 from osteolib.cli.memory import PeakMemory
+from osteolib.cli.schedule import steps_of, waves_of
 from osteolib.cli.profiles import (NOTEBOOKS_DIR, Execution, Profile, ProfileError, check_profile, check_values,
                                    load_profile, parameters_for, resolve_paths)
 
@@ -382,17 +384,6 @@ def run_cells(executions: Sequence[Execution], slots: Sequence[Slot],
     return ordered
 
 
-def _steps_of(executions: Sequence[Execution]) -> list[list[Execution]]:
-    """Consecutive executions of the same notebook: one step's cells."""
-    groups: list[list[Execution]] = []
-    for execution in executions:
-        if groups and groups[-1][0].notebook == execution.notebook:
-            groups[-1].append(execution)
-        else:
-            groups.append([execution])
-    return groups
-
-
 def run_profile(profile: Profile | str, only: Sequence[str] | None = None, start: str | None = None,
                 parent: str | Path | None = None, overrides: dict[str, Any] | None = None,
                 runs_dir: str | Path | None = None, log_output: bool = True, jobs: int = 1,
@@ -525,9 +516,9 @@ def _execute_plan(run: runs.Run, plan: Sequence[Execution], after: dict[str, str
             f"cores {list(s.cores)}" + (f", GPU {s.gpu}" if s.gpu is not None else "") for s in slots), flush=True)
     with _working_on(run), _interruptible():
         try:
-            for cells in _steps_of(plan):
-                notebook = cells[0].notebook
-                todo = [e for e in cells if e.name not in done]
+            # one notebook's step at a time, or with --jobs a wave: steps that do not read each other's outputs
+            for group in (steps_of(plan) if slots is None else waves_of(steps_of(plan))):
+                todo = [e for e in group if e.name not in done]
                 if slots is None:
                     for execution in todo:
                         counter += 1
@@ -552,7 +543,8 @@ def _execute_plan(run: runs.Run, plan: Sequence[Execution], after: dict[str, str
                         print(f"osteo: [{counter}/{todo_total}] {execution.name} done in {record['seconds']:.0f} s"
                               f"{_peak_text(record)}", flush=True)
                 elif todo:
-                    print(f"osteo: {notebook}: {len(todo)} execution(s)", flush=True)
+                    print(f"osteo: {' + '.join(dict.fromkeys(e.notebook for e in todo))}: {len(todo)} execution(s)",
+                          flush=True)
 
                     def finished(execution: Execution, record: dict[str, Any]) -> None:
                         nonlocal counter
@@ -568,11 +560,12 @@ def _execute_plan(run: runs.Run, plan: Sequence[Execution], after: dict[str, str
 
                     run_cells(todo, step_slots(slots, len(todo)), lambda e, s: execute_pinned(e, run, s), finished)
                     resume_point()  # nothing runs now: every finished cell is kept from here on
-                if after.get(notebook) and run_after and notebook not in after_done \
-                        and all(e.name in done for e in cells):
-                    AFTER_STEP[after[notebook]](run)
-                    after_done.add(notebook)
-                    resume_point()
+                for notebook in dict.fromkeys(e.notebook for e in group):
+                    if after.get(notebook) and run_after and notebook not in after_done \
+                            and all(e.name in done for e in group if e.notebook == notebook):
+                        AFTER_STEP[after[notebook]](run)
+                        after_done.add(notebook)
+                        resume_point()
         except BaseException as err:
             status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
             save(status=status, seconds=round(time.perf_counter() - started, 1))

@@ -243,7 +243,7 @@ def test_run_cells_keeps_n_running_never_shares_a_slot_and_stops_starting_after_
     assert all(r["status"] == "ok" and len(r["cores"]) == 1 for r in records)
 
 
-def test_run_profile_with_jobs_runs_steps_in_order_and_collects_after_all_cells(tmp_path, monkeypatch):
+def test_run_profile_with_jobs_runs_waves_in_order_and_collects_after_all_cells(tmp_path, monkeypatch):
     import osteolib.cli.osteo as runner
 
     events = []
@@ -260,15 +260,17 @@ def test_run_profile_with_jobs_runs_steps_in_order_and_collects_after_all_cells(
     events = events[:-1]
     names = [e[1] for e in events if e[0] != "after"]
     assert sorted(names) == sorted(expected)
-    # steps in order: every 03 cell before any 04 cell, the collection after all 04 cells and before 05
     notebooks = [e[0] for e in events]
-    assert notebooks.index("04_finetune") > max(i for i, n in enumerate(notebooks) if n == "03_rotation_proxy")
+    # 06 reads only 00's outputs (in the parent run), so it runs in the first wave beside 03; 04 waits for 03
+    first_04 = notebooks.index("04_finetune")
+    assert set(notebooks[:first_04]) == {"03_rotation_proxy", "06_image_text"}
+    # the collection after all 04 cells and before 05, which reads its tables
     after_at = notebooks.index("after")
     assert all(n != "04_finetune" for n in notebooks[after_at:]) and notebooks[after_at + 1] == "05_gradcam_statistics"
-    assert notebooks[-1] == profile.notebooks[-1]
-    grid_cores = {e[2].cores for e in events if e[0] in ("03_rotation_proxy", "04_finetune")}
-    single_cores = {e[2].cores for e in events if e[0] in ("05_gradcam_statistics", "06_image_text")}
-    assert grid_cores == {(0, 1), (2, 3)} and single_cores == {(0, 1, 2, 3)}  # a one-notebook step on every core
+    assert notebooks[-1] == profile.notebooks[-1]  # the report notebook waits for every other one
+    wave_cores = {e[2].cores for e in events if e[0] in ("03_rotation_proxy", "04_finetune", "06_image_text")}
+    single_cores = {e[2].cores for e in events if e[0] in ("05_gradcam_statistics", "07_report")}
+    assert wave_cores == {(0, 1), (2, 3)} and single_cores == {(0, 1, 2, 3)}  # a one-notebook wave on every core
     info = json.loads((run.path / "run.json").read_text())
     assert info["status"] == "complete"
     assert [r["name"] for r in info["executions"]] == expected and all(r["status"] == "ok" for r in info["executions"])
