@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from osteolib.stages import confounder_check as checks
 from osteolib.stages import finetune
@@ -29,7 +30,12 @@ def tiny_check(tmp_path_factory):
     root = tmp_path_factory.mktemp("check")
     run = new_run("test", root=root / "runs")
     config = checks.ConfounderCheckConfig(data_dir=str(root / "data"), **TINY)
-    return run, checks.run_confounder_check(run, config)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the two models then train side by side, one thread each, on any machine
+    try:
+        return run, checks.run_confounder_check(run, config)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.slow
@@ -48,6 +54,8 @@ def test_confounder_check_trains_both_models_apart_from_the_main_run(tiny_check)
     shortcut = result.models[1].manifest
     train = shortcut[shortcut["split"] == "train"]
     assert (train["marker"].astype(bool) == (train["label"] == "osteoporosis")).all()
+    # both were trained side by side in worker processes, each with one of this process's two threads
+    assert [m.summary["torch_threads"] for m in result.models] == [1, 1]
     # a second call reloads the trained models instead of failing on the existing prediction files
     again = checks.run_confounder_check(run, result.config)
     pd.testing.assert_frame_equal(again.table.drop(columns="train_seconds"), result.table.drop(columns="train_seconds"))
