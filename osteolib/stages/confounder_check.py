@@ -235,22 +235,58 @@ def score_model(item: ConfounderModel, config: ConfounderCheckConfig) -> tuple[d
 
 
 def _train_with_threads(run_path: str, config: ConfounderCheckConfig, strength: float, threads: int) -> None:
-    """A worker process's job in :func:`train_side_by_side`: train one model with ``threads`` torch threads."""
+    """A worker process's job in :func:`start_training`: train one model with ``threads`` torch threads."""
     import torch
 
     torch.set_num_threads(threads)
     train_or_load(Run(Path(run_path)), config, strength)
 
 
-def train_side_by_side(run: Run, config: ConfounderCheckConfig) -> int:
-    """Train the models not trained yet at the same time, each in a worker process with half of this process's
-    torch threads; return how many were trained so. Nothing happens with fewer than two threads, on a GPU or with
-    one model left (:func:`train_or_load` then trains it in this process).
+def _end_with_parent() -> None:
+    """In a worker: SIGTERM when the notebook's kernel dies (Linux), so no training outlives an interrupted run."""
+    try:
+        import ctypes
+        import signal
 
-    Why: on a CPU a DenseNet's training gains less than 2x from a second thread, and the data generation and
-    cache build before it use one core, so two models side by side finish sooner than one after the other
-    (measured on two cores: see the README's performance section). A model's numbers depend on its seed and its
-    thread count; its summary records ``torch_threads``.
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def untrained(run: Run, config: ConfounderCheckConfig) -> list[float]:
+    """The confounder strengths whose model has no finished sub-run yet."""
+    return [s for s in STRENGTHS if not (sub_run(run, s).path / "logs"
+                                         / f"{finetune.run_name(config.finetune_config(s))}-summary.json").is_file()]
+
+
+class Training:
+    """The check's models training in worker processes (:func:`start_training`); :meth:`wait` for them."""
+
+    def __init__(self, pool: Any, jobs: list[Any], threads: int) -> None:
+        self.pool, self.jobs, self.threads = pool, jobs, threads
+
+    def wait(self) -> None:
+        """Block until every model is trained (a worker's error is raised here) and give this process its threads
+        back."""
+        import torch
+
+        try:
+            for job in self.jobs:
+                job.result()
+        finally:
+            self.pool.shutdown(cancel_futures=True)
+            torch.set_num_threads(self.threads)
+
+
+def start_training(run: Run, config: ConfounderCheckConfig) -> Training | None:
+    """Start training the models not trained yet, each in its own worker process with one torch thread, and
+    return at once; meanwhile this process keeps what is left of its threads (at least one). None where that does
+    not pay: fewer than two threads, a GPU, or every model trained already.
+
+    Why: on a CPU a DenseNet's training gains less than 2x from a second thread (measured on two cores: 19.5
+    images/s with one thread, 30 with two), and the rest of notebook 05 (statistics, bootstraps, figures) is
+    mostly one thread; run side by side, the two models and the notebook keep both cores busy. A model's numbers
+    depend on its seed and its thread count; its summary records ``torch_threads``.
     """
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -258,27 +294,31 @@ def train_side_by_side(run: Run, config: ConfounderCheckConfig) -> int:
     import torch
 
     threads = torch.get_num_threads()
-    todo = [s for s in STRENGTHS
-            if not (sub_run(run, s).path / "logs" / f"{finetune.run_name(config.finetune_config(s))}-summary.json").is_file()]
-    if threads < 2 or len(todo) < 2 or torch.cuda.is_available():
-        return 0
+    todo = untrained(run, config)
+    if threads < 2 or not todo or torch.cuda.is_available():
+        return None
     # spawn, not fork: a forked child of a process whose OpenMP threads already ran can hang
-    with ProcessPoolExecutor(len(todo), mp_context=multiprocessing.get_context("spawn")) as pool:
-        jobs = [pool.submit(_train_with_threads, str(run.path), config, s, max(1, threads // len(todo))) for s in todo]
-        for job in jobs:
-            job.result()  # a worker's error is raised here, with its traceback
-    return len(todo)
+    pool = ProcessPoolExecutor(len(todo), mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_end_with_parent)
+    jobs = [pool.submit(_train_with_threads, str(run.path), config, s, 1) for s in todo]
+    torch.set_num_threads(max(1, threads - len(todo)))
+    return Training(pool, jobs, threads)
 
 
-def run_confounder_check(run: Run, config: ConfounderCheckConfig | None = None,
-                         quiet: bool = True, side_by_side: bool = True) -> ConfounderCheckResult:
-    """Train (or reload) the real-signal and the shortcut model and score both (see the module docstring);
-    ``side_by_side``: train the two at the same time where that is faster (:func:`train_side_by_side`)."""
+def run_confounder_check(run: Run, config: ConfounderCheckConfig | None = None, quiet: bool = True,
+                         training: Training | None = None, side_by_side: bool = True) -> ConfounderCheckResult:
+    """Train (or reload) the real-signal and the shortcut model and score both (see the module docstring).
+
+    ``training``: what :func:`start_training` started earlier, waited for here; else, with ``side_by_side``, the
+    models not trained yet train at the same time in worker processes where that pays (:func:`start_training`).
+    """
     config = config or ConfounderCheckConfig()
     if not isinstance(config, ConfounderCheckConfig):
         raise TypeError(f"config must be a ConfounderCheckConfig, got {type(config).__name__}")
-    if side_by_side:
-        train_side_by_side(run, config)
+    if training is None and side_by_side:
+        training = start_training(run, config)
+    if training is not None:
+        training.wait()
     rows, tables, trained = [], [], []
     for strength in STRENGTHS:
         item = train_or_load(run, config, strength, quiet=quiet)
