@@ -234,16 +234,15 @@ def score_model(item: ConfounderModel, config: ConfounderCheckConfig) -> tuple[d
     return row, agreement
 
 
-def _train_with_threads(run_path: str, config: ConfounderCheckConfig, strength: float, threads: int) -> None:
-    """A worker process's job in :func:`start_training`: train one model with ``threads`` torch threads."""
-    import torch
-
-    torch.set_num_threads(threads)
-    train_or_load(Run(Path(run_path)), config, strength)
+def untrained(run: Run, config: ConfounderCheckConfig) -> list[float]:
+    """The confounder strengths whose model has no finished sub-run yet."""
+    return [s for s in STRENGTHS if not (sub_run(run, s).path / "logs"
+                                         / f"{finetune.run_name(config.finetune_config(s))}-summary.json").is_file()]
 
 
 def _end_with_parent() -> None:
-    """In a worker: SIGTERM when the notebook's kernel dies (Linux), so no training outlives an interrupted run."""
+    """In a worker before it starts Python: SIGTERM when its parent (the notebook's kernel) dies (Linux), so no
+    training outlives an interrupted run."""
     try:
         import ctypes
         import signal
@@ -253,43 +252,45 @@ def _end_with_parent() -> None:
         pass
 
 
-def untrained(run: Run, config: ConfounderCheckConfig) -> list[float]:
-    """The confounder strengths whose model has no finished sub-run yet."""
-    return [s for s in STRENGTHS if not (sub_run(run, s).path / "logs"
-                                         / f"{finetune.run_name(config.finetune_config(s))}-summary.json").is_file()]
-
-
 class Training:
     """The check's models training in worker processes (:func:`start_training`); :meth:`wait` for them."""
 
-    def __init__(self, pool: Any, jobs: list[Any], threads: int) -> None:
-        self.pool, self.jobs, self.threads = pool, jobs, threads
+    def __init__(self, workers: list[tuple[Any, Path]], threads: int) -> None:
+        self.workers, self.threads = workers, threads
 
     def wait(self) -> None:
-        """Block until every model is trained (a worker's error is raised here) and give this process its threads
-        back."""
+        """Block until every model is trained and give this process its threads back; a failed worker is
+        reported with the end of its log."""
         import torch
 
         try:
-            for job in self.jobs:
-                job.result()
+            failed = [(log, w.wait()) for w, log in self.workers]
+            failed = [(log, code) for log, code in failed if code != 0]
+            if failed:
+                raise RuntimeError("the confounder check's training failed: " + "; ".join(
+                    f"exit status {code}, log {log}:\n{log.read_text()[-3000:]}" for log, code in failed))
         finally:
-            self.pool.shutdown(cancel_futures=True)
+            for worker, _ in self.workers:
+                if worker.poll() is None:
+                    worker.kill()
             torch.set_num_threads(self.threads)
 
 
 def start_training(run: Run, config: ConfounderCheckConfig) -> Training | None:
-    """Start training the models not trained yet, each in its own worker process with one torch thread, and
-    return at once; meanwhile this process keeps what is left of its threads (at least one). None where that does
-    not pay: fewer than two threads, a GPU, or every model trained already.
+    """Start training the models not trained yet, each in its own worker process with one thread, and return at
+    once; meanwhile this process keeps what is left of its threads (at least one). None where that does not pay:
+    fewer than two threads, a GPU, or every model trained already. A worker's output goes to
+    ``<run>/checks/confounder/strength<c>.log``.
 
     Why: on a CPU a DenseNet's training gains less than 2x from a second thread (measured on two cores: 19.5
     images/s with one thread, 30 with two), and the rest of notebook 05 (statistics, bootstraps, figures) is
     mostly one thread; run side by side, the two models and the notebook keep both cores busy. A model's numbers
-    depend on its seed and its thread count; its summary records ``torch_threads``.
+    depend on its seed and its thread count; its summary records ``torch_threads``. The workers are plain
+    ``python -m`` processes, not multiprocessing's, so a caller's script needs no ``__main__`` guard.
     """
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    import os
+    import subprocess
+    import sys
 
     import torch
 
@@ -297,12 +298,19 @@ def start_training(run: Run, config: ConfounderCheckConfig) -> Training | None:
     todo = untrained(run, config)
     if threads < 2 or not todo or torch.cuda.is_available():
         return None
-    # spawn, not fork: a forked child of a process whose OpenMP threads already ran can hang
-    pool = ProcessPoolExecutor(len(todo), mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_end_with_parent)
-    jobs = [pool.submit(_train_with_threads, str(run.path), config, s, 1) for s in todo]
+    folder = run.path / SUBFOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    workers = []
+    for strength in todo:
+        log = folder / f"strength{float(strength):g}.log"
+        with open(log, "w") as out:
+            workers.append((subprocess.Popen(
+                [sys.executable, "-m", "osteolib.stages.confounder_check", str(run.path),
+                 json.dumps(asdict(config)), repr(float(strength))],
+                env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_end_with_parent), log))
     torch.set_num_threads(max(1, threads - len(todo)))
-    return Training(pool, jobs, threads)
+    return Training(workers, threads)
 
 
 def run_confounder_check(run: Run, config: ConfounderCheckConfig | None = None, quiet: bool = True,
@@ -404,3 +412,12 @@ def confounder_figure(result: ConfounderCheckResult, n_images: int = 4):
             axes[r, c].set_axis_off()
     fig.tight_layout()
     return fig
+
+
+if __name__ == "__main__":  # a worker of start_training: RUN_DIR CONFIG_JSON STRENGTH
+    import sys
+
+    import torch
+
+    torch.set_num_threads(1)
+    train_or_load(Run(Path(sys.argv[1])), ConfounderCheckConfig(**json.loads(sys.argv[2])), float(sys.argv[3]))

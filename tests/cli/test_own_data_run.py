@@ -101,7 +101,7 @@ def grouped_run(lab, tmp_path_factory) -> Path:
         return Path(os.environ["OSTEO_TEST_OWN_RUN"])
     tmp = tmp_path_factory.mktemp("own_run")
     path = profile(tmp, "own_folders", lab, "folders", "group", WHOLE_SEQUENCE.replace("LAB", str(lab.root)))
-    return run_profile(str(path), runs_dir=tmp / "runs", log_output=False).path
+    return run_profile(str(path), runs_dir=tmp / "runs", log_output=False, jobs=2).path
 
 
 def planted_pairs(lab) -> set[frozenset]:
@@ -182,7 +182,7 @@ def table_run(tmp_path_factory) -> Path:
     later = WHOLE_SEQUENCE.replace("LAB", str(table_lab.root)).replace(
         "{scenario: chest_mae, backbone: densenet121,", "{scenario: chest_mae, backbone: densenet121, text_column: report,")
     path = profile(tmp, "own_table", table_lab, "csv", "group", later, external_test=EXTERNAL)
-    return run_profile(str(path), runs_dir=tmp / "runs", log_output=False).path
+    return run_profile(str(path), runs_dir=tmp / "runs", log_output=False, jobs=2).path
 
 
 def test_the_same_images_from_a_label_table(grouped_run, table_run):

@@ -33,7 +33,9 @@ def tiny_check(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # the two models then train side by side, one thread each, on any machine
     try:
-        return run, checks.run_confounder_check(run, config)
+        result = checks.run_confounder_check(run, config)
+        assert torch.get_num_threads() == 2  # given back after the workers finished
+        return run, result
     finally:
         torch.set_num_threads(threads)
 
@@ -60,6 +62,20 @@ def test_confounder_check_trains_both_models_apart_from_the_main_run(tiny_check)
     again = checks.run_confounder_check(run, result.config)
     pd.testing.assert_frame_equal(again.table.drop(columns="train_seconds"), result.table.drop(columns="train_seconds"))
     assert isinstance(result.verdict(), str) and "test AUC" in result.verdict()
+
+
+def test_training_starts_in_workers_only_where_it_pays(tiny_check, tmp_path):
+    run, result = tiny_check
+    assert checks.untrained(run, result.config) == [] and checks.start_training(run, result.config) is None
+    fresh = new_run("test", root=tmp_path / "runs")
+    assert checks.untrained(fresh, result.config) == [0.0, 1.0]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert checks.start_training(fresh, result.config) is None  # one thread: nothing to gain, nothing started
+    finally:
+        torch.set_num_threads(threads)
+    assert not checks.sub_run(fresh, 0.0).path.exists()
 
 
 @pytest.mark.slow
