@@ -13,7 +13,7 @@ PRETRAINING_BACKBONES = ("vit_small", "densenet121")
 NOTEBOOK_SCENARIO = {"01_chest_mae": "chest_mae", "02_shoulder_mae": "chest_mae+target_mae_{crop_mode}",
                      "03_rotation_proxy": "chest_mae+rotation"}
 # the earlier notebooks whose outputs each notebook reads (besides the data of its own parameters). With --jobs the
-# runner starts a notebook's executions beside others once these are done (03 and 06 do not wait for 02 or 05); a
+# runner starts a notebook's executions beside others once these are done (03 does not wait for 02, 06 not for 05); a
 # notebook not listed here (07_report, a lab's own) waits for every notebook listed before it in the profile.
 NOTEBOOK_NEEDS = {
     "00_data_audit": (),
@@ -22,7 +22,8 @@ NOTEBOOK_NEEDS = {
     "03_rotation_proxy": ("00_data_audit", "01_chest_mae"),  # starts from the chest MAE encoder
     "04_finetune": ("00_data_audit", "01_chest_mae", "02_shoulder_mae", "03_rotation_proxy"),
     "05_gradcam_statistics": ("00_data_audit", "04_finetune"),  # and 04's results tables (its `after`)
-    "06_image_text": ("00_data_audit",),
+    # its image encoder may start from any pretraining scenario's checkpoint (its `scenario` parameter)
+    "06_image_text": ("00_data_audit", "01_chest_mae", "02_shoulder_mae", "03_rotation_proxy"),
 }
 # which notebook writes each scenario's checkpoint (for error messages)
 WRITTEN_BY = {"chest_mae": "01_chest_mae", "chest_mae+target_mae_random": "02_shoulder_mae (crop_mode='random')",

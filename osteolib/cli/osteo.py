@@ -30,7 +30,7 @@ cells of an interrupted wave are all redone. ``--from`` without ``--parent`` tak
 
 Parallel grid cells (``--jobs N``): the executions of one step (its variants x grid) are independent, so N of them
 run at a time; so are steps whose notebooks do not read each other's outputs (:mod:`osteolib.cli.schedule`: 03 runs
-beside 02, 06 beside 01). Such waves run in order, and a step's ``after`` collection runs once its wave is done. Each
+beside 02, 06 beside 04). Such waves run in order, and a step's ``after`` collection runs once its wave is done. Each
 job is a child process (``python -m osteolib.cli.osteo`` executing one notebook; its kernel inherits the pinning)
 pinned to its share of this process's cores (``sched_setaffinity``, with ``OMP_NUM_THREADS``/``MKL_NUM_THREADS``
 = cores per job) and, when GPUs exist, to one GPU (``CUDA_VISIBLE_DEVICES``; at most one job per GPU). A job's

@@ -2,7 +2,7 @@
 (steps whose notebooks do not read each other's outputs, after :data:`osteolib.study.NOTEBOOK_NEEDS`).
 
 A wave is what ``--jobs`` hands to its slots at once. A step goes into the wave after the latest wave holding a
-notebook it needs, so 03_rotation_proxy runs beside 02_shoulder_mae and 06_image_text beside 01_chest_mae; a
+notebook it needs, so 03_rotation_proxy runs beside 02_shoulder_mae and 06_image_text beside 04_finetune; a
 notebook the table does not know needs every notebook listed before it. Needs on notebooks outside the plan
 (``--from``, ``--only``: the parent run has their outputs) are met already.
 """
