@@ -252,6 +252,12 @@ def _end_with_parent() -> None:
         pass
 
 
+# this process's workers by sub-run folder, and its torch threads before start_training lowered them: a notebook
+# cell run twice joins the training it started instead of starting a second worker on the same folder
+_WORKERS: dict[str, tuple[Any, Path]] = {}
+_THREADS_BEFORE: list[int] = []
+
+
 class Training:
     """The check's models training in worker processes (:func:`start_training`); :meth:`wait` for them."""
 
@@ -274,6 +280,7 @@ class Training:
                 if worker.poll() is None:
                     worker.kill()
             torch.set_num_threads(self.threads)
+            _THREADS_BEFORE.clear()
 
 
 def start_training(run: Run, config: ConfounderCheckConfig) -> Training | None:
@@ -294,21 +301,28 @@ def start_training(run: Run, config: ConfounderCheckConfig) -> Training | None:
 
     import torch
 
-    threads = torch.get_num_threads()
+    threads = _THREADS_BEFORE[0] if _THREADS_BEFORE else torch.get_num_threads()
     todo = untrained(run, config)
-    if threads < 2 or not todo or torch.cuda.is_available():
+    keys = {s: str(sub_run(run, s).path.resolve()) for s in todo}
+    running = any(k in _WORKERS and _WORKERS[k][0].poll() is None for k in keys.values())
+    if not todo or torch.cuda.is_available() or (threads < 2 and not running):
         return None
     folder = run.path / SUBFOLDER
     folder.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     workers = []
     for strength in todo:
-        log = folder / f"strength{float(strength):g}.log"
-        with open(log, "w") as out:
-            workers.append((subprocess.Popen(
-                [sys.executable, "-m", "osteolib.stages.confounder_check", str(run.path),
-                 json.dumps(asdict(config)), repr(float(strength))],
-                env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_end_with_parent), log))
+        key = keys[strength]
+        if key not in _WORKERS or _WORKERS[key][0].poll() is not None:
+            log = folder / f"strength{float(strength):g}.log"
+            with open(log, "w") as out:
+                _WORKERS[key] = (subprocess.Popen(
+                    [sys.executable, "-m", "osteolib.stages.confounder_check", str(run.path),
+                     json.dumps(asdict(config)), repr(float(strength))],
+                    env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_end_with_parent), log)
+        workers.append(_WORKERS[key])
+    if not _THREADS_BEFORE:
+        _THREADS_BEFORE.append(threads)
     torch.set_num_threads(max(1, threads - len(todo)))
     return Training(workers, threads)
 

@@ -78,6 +78,23 @@ def test_training_starts_in_workers_only_where_it_pays(tiny_check, tmp_path):
     assert not checks.sub_run(fresh, 0.0).path.exists()
 
 
+def test_a_second_start_joins_the_workers_of_the_first(tmp_path):
+    run = new_run("test", root=tmp_path / "runs")
+    config = checks.ConfounderCheckConfig(data_dir=str(tmp_path / "data"), **TINY)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first = checks.start_training(run, config)
+        again = checks.start_training(run, config)  # the notebook cell run twice while the models train
+        assert [w.pid for w, _ in again.workers] == [w.pid for w, _ in first.workers]
+        assert again.threads == 2  # the threads before the first start, given back by whichever wait ends
+        again.wait()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert checks.untrained(run, config) == []
+
+
 @pytest.mark.slow
 def test_a_changed_recipe_is_not_mixed_with_an_old_sub_run(tiny_check):
     run, result = tiny_check
