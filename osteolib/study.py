@@ -1,5 +1,6 @@
-"""The study's vocabulary (a leaf): its pretraining scenarios, the backbones pretraining trains, and which notebook
-writes each scenario's checkpoint. One place, so stages, runner and error messages agree."""
+"""The study's vocabulary (a leaf): its pretraining scenarios, the backbones pretraining trains, which notebook
+writes each scenario's checkpoint and which earlier notebooks each one reads. One place, so stages, runner and error
+messages agree."""
 from __future__ import annotations
 
 # the initialisations the fine-tuning grid compares; "random" needs no checkpoint
