@@ -41,7 +41,7 @@ def test_peak_memory_is_none_when_nothing_ran_under_the_root():
 
 
 def test_run_cells_adds_what_an_execution_returns_to_its_record():
-    from osteolib.cli.osteo import Slot, run_cells
+    from osteolib.cli.jobs import Slot, run_cells
     from osteolib.cli.profiles import Execution
 
     executions = [Execution(notebook="04_finetune", name=f"cell{k}", parameters={}, origins={}) for k in range(3)]

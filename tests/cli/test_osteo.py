@@ -173,7 +173,7 @@ def test_real_profile_audits_the_nih_subset(tmp_path, real_data_root):
 
 
 def test_plan_slots_splits_cores_and_gives_each_job_one_gpu():
-    from osteolib.cli.osteo import plan_slots
+    from osteolib.cli.jobs import plan_slots
 
     slots = plan_slots(2, cores=[4, 5, 6, 7, 8], gpus=0)
     assert [s.cores for s in slots] == [(4, 5), (6, 7)] and [s.gpu for s in slots] == [None, None]
@@ -189,14 +189,14 @@ def test_plan_slots_splits_cores_and_gives_each_job_one_gpu():
 
 
 def test_jobs_auto_is_one_per_gpu_else_per_core_and_a_small_step_gets_every_core(monkeypatch):
-    import osteolib.cli.osteo as runner
-    from osteolib.cli.osteo import MAX_AUTO_JOBS, Slot, auto_jobs, parse_jobs, step_slots
+    import osteolib.cli.jobs as jobs
+    from osteolib.cli.jobs import MAX_AUTO_JOBS, Slot, auto_jobs, parse_jobs, step_slots
 
     assert auto_jobs(cores=[0, 1], gpus=0) == 2
     assert auto_jobs(cores=range(32), gpus=0) == MAX_AUTO_JOBS
     assert auto_jobs(cores=range(32), gpus=3) == 3
     assert auto_jobs(cores=[0], gpus=0) == 1
-    monkeypatch.setattr(runner, "auto_jobs", lambda: 7)
+    monkeypatch.setattr(jobs, "auto_jobs", lambda: 7)
     assert parse_jobs("auto") == 7 and parse_jobs("3") == 3 and parse_jobs(2) == 2
     for bad in ("0", "-1", "two", "1.5"):
         with pytest.raises(ProfileError, match="give `auto` or a whole number"):
@@ -213,7 +213,7 @@ def test_run_cells_keeps_n_running_never_shares_a_slot_and_stops_starting_after_
     import time
 
     from osteolib.cli.profiles import Execution
-    from osteolib.cli.osteo import Slot, run_cells
+    from osteolib.cli.jobs import Slot, run_cells
 
     executions = [Execution("04_finetune", f"cell{k}", {"seed": k}) for k in range(6)]
     slots = [Slot((0,)), Slot((1,))]
