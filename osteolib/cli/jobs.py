@@ -4,6 +4,7 @@ running and names every failure; :func:`_stop_children` ends them when the runne
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal

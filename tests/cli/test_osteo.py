@@ -243,6 +243,28 @@ def test_run_cells_keeps_n_running_never_shares_a_slot_and_stops_starting_after_
     assert all(r["status"] == "ok" and len(r["cores"]) == 1 for r in records)
 
 
+def test_an_interrupted_runner_stops_its_jobs_children_and_kills_one_that_ignores_sigterm():
+    import subprocess
+    import sys
+
+    import osteolib.cli.jobs as jobs
+
+    polite = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    stubborn = subprocess.Popen([sys.executable, "-c", "import signal, sys, time\n"
+                                 "signal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ready', flush=True)\n"
+                                 "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    assert stubborn.stdout.readline().strip() == "ready"  # its SIGTERM handler is in place
+    jobs._CHILDREN.update({polite, stubborn})
+    try:
+        jobs._stop_children(grace=2.0)
+        assert polite.wait(timeout=5) == -15 and stubborn.wait(timeout=5) == -9  # SIGTERM, then SIGKILL
+    finally:
+        jobs._CHILDREN.difference_update({polite, stubborn})
+        for child in (polite, stubborn):
+            if child.poll() is None:
+                child.kill()
+
+
 def test_run_profile_with_jobs_runs_waves_in_order_and_collects_after_all_cells(tmp_path, monkeypatch):
     import osteolib.cli.osteo as runner
 
