@@ -4,6 +4,7 @@
 - ``eval_mode``: a model in eval mode inside a block, its own mode back after.
 - ``size_pair``: an image size as a checked (height, width) pair.
 - ``config_from``: a stage's dataclass built from a notebook's or profile's parameters (the names it knows).
+- ``end_with_parent``: in a child process before it starts Python, SIGTERM when its parent dies.
 """
 from __future__ import annotations
 
@@ -97,3 +98,15 @@ def config_from(cls: type, parameters: Mapping[str, Any], **fixed: Any) -> Any:
         if f.name in chosen and isinstance(chosen[f.name], list) and "tuple" in str(f.type):
             chosen[f.name] = tuple(chosen[f.name])
     return cls(**chosen)
+
+
+def end_with_parent() -> None:
+    """In a child process, before it starts Python (a ``preexec_fn``): SIGTERM when its parent dies, even by SIGKILL
+    (Linux ``PR_SET_PDEATHSIG``; elsewhere nothing), so no worker outlives the process that started it."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from typing import Any, Callable, Sequence
 from osteolib import runs
 from osteolib.cli.memory import PeakMemory
 from osteolib.cli.profiles import Execution, ProfileError
+from osteolib.utils import end_with_parent
 
 
 class RunFailed(RuntimeError):
@@ -129,12 +129,7 @@ _CHILDREN: set[subprocess.Popen] = set()  # the --jobs children running now
 def _child_setup(cores: Sequence[int]) -> None:
     """In a --jobs child before it starts Python: its cores, and SIGTERM when its parent dies (Linux)."""
     os.sched_setaffinity(0, cores)
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    end_with_parent()
 
 
 def _stop_children(grace: float = 10.0) -> None:

@@ -59,6 +59,7 @@ from osteolib.data import synthetic
 from osteolib.data import ImageCache
 from osteolib.data import read_manifest
 from osteolib.runs import Run
+from osteolib.utils import end_with_parent
 
 SUBFOLDER = Path("checks") / "confounder"
 STRENGTHS = (0.0, 1.0)
@@ -159,6 +160,11 @@ def sub_run(run: Run, strength: float) -> Run:
     return Run(run.path / SUBFOLDER / f"strength{float(strength):g}")
 
 
+def summary_path(run: Run, config: ConfounderCheckConfig, strength: float) -> Path:
+    """The fine-tuning summary of the model of ``strength``: there once that model is trained."""
+    return sub_run(run, strength).path / "logs" / f"{finetune.run_name(config.finetune_config(strength))}-summary.json"
+
+
 def train_or_load(run: Run, config: ConfounderCheckConfig, strength: float, quiet: bool = True) -> ConfounderModel:
     """Generate (or reuse) the data of ``strength`` and fine-tune its model, or reload it if already trained."""
     data_root = Path(config.data_dir) if config.data_dir is not None else None
@@ -171,10 +177,10 @@ def train_or_load(run: Run, config: ConfounderCheckConfig, strength: float, quie
     fine_config = config.finetune_config(strength)
     name = finetune.run_name(fine_config)
     folder = sub_run(run, strength)
-    summary_path = folder.path / "logs" / f"{name}-summary.json"
-    if not summary_path.is_file():
+    summary_file = summary_path(run, config, strength)
+    if not summary_file.is_file():
         finetune.finetune(folder, fine_config, manifest, cache, mean, std, quiet=quiet)
-    summary = json.loads(summary_path.read_text())
+    summary = json.loads(summary_file.read_text())
     if summary["config"].get("epochs") != config.epochs or summary["config"].get("base_lr") != config.base_lr:
         raise FileExistsError(f"{folder.path} holds a model trained with another recipe ({summary['config']}); "
                               f"use a new run folder for a changed ConfounderCheckConfig")
@@ -236,20 +242,7 @@ def score_model(item: ConfounderModel, config: ConfounderCheckConfig) -> tuple[d
 
 def untrained(run: Run, config: ConfounderCheckConfig) -> list[float]:
     """The confounder strengths whose model has no finished sub-run yet."""
-    return [s for s in STRENGTHS if not (sub_run(run, s).path / "logs"
-                                         / f"{finetune.run_name(config.finetune_config(s))}-summary.json").is_file()]
-
-
-def _end_with_parent() -> None:
-    """In a worker before it starts Python: SIGTERM when its parent (the notebook's kernel) dies (Linux), so no
-    training outlives an interrupted run."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    return [s for s in STRENGTHS if not summary_path(run, config, s).is_file()]
 
 
 # this process's workers by sub-run folder, and its torch threads before start_training lowered them: a notebook
@@ -319,7 +312,7 @@ def start_training(run: Run, config: ConfounderCheckConfig) -> Training | None:
                 _WORKERS[key] = (subprocess.Popen(
                     [sys.executable, "-m", "osteolib.stages.confounder_check", str(run.path),
                      json.dumps(asdict(config)), repr(float(strength))],
-                    env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_end_with_parent), log)
+                    env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=end_with_parent), log)
         workers.append(_WORKERS[key])
     if not _THREADS_BEFORE:
         _THREADS_BEFORE.append(threads)
