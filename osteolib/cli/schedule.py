@@ -32,12 +32,10 @@ def waves_of(steps: Sequence[Sequence[E]], needs: Mapping[str, Sequence[str]] = 
     waves: list[list[E]] = []
     for cells in steps:
         notebook = cells[0].notebook
-        earlier = [n for n in level if n != notebook]
-        wanted = needs[notebook] if notebook in needs else earlier
+        # what it reads (unknown: every earlier notebook), and itself: a notebook listed twice (consecutive entries
+        # form one step; a later entry is another step) never starts before its earlier executions
+        wanted = [*(needs[notebook] if notebook in needs else level), notebook]
         wave = max((level[n] + 1 for n in wanted if n in level), default=0)
-        # a notebook listed twice (two consecutive entries form one step; a later entry is another step) never
-        # starts before its earlier executions
-        wave = max(wave, level.get(notebook, -1) + 1 if notebook in level else 0)
         level[notebook] = wave
         while len(waves) <= wave:
             waves.append([])
