@@ -21,7 +21,9 @@ NOTEBOOK_NEEDS = {
     "01_chest_mae": ("00_data_audit",),  # keeps the external test set's patients out of the chest pool
     "02_shoulder_mae": ("00_data_audit", "01_chest_mae"),
     "03_rotation_proxy": ("00_data_audit", "01_chest_mae"),  # starts from the chest MAE encoder
-    "04_finetune": ("00_data_audit", "01_chest_mae", "02_shoulder_mae", "03_rotation_proxy"),
+    # trains each candidate recipe from the pretraining checkpoints; its choice (the `recipe_search` step) feeds 04
+    "04a_recipe_search": ("00_data_audit", "01_chest_mae", "02_shoulder_mae", "03_rotation_proxy"),
+    "04_finetune": ("00_data_audit", "01_chest_mae", "02_shoulder_mae", "03_rotation_proxy", "04a_recipe_search"),
     "05_gradcam_statistics": ("00_data_audit", "04_finetune"),  # and 04's results tables (its `after`)
     # its image encoder may start from any pretraining scenario's checkpoint (its `scenario` parameter)
     "06_image_text": ("00_data_audit", "01_chest_mae", "02_shoulder_mae", "03_rotation_proxy"),

@@ -79,6 +79,13 @@ def _results_tables(run: runs.Run) -> None:
         print(f"osteo: {name}: {path}", flush=True)
 
 
+def _recipe_search(run: runs.Run) -> None:
+    from osteolib.stages.recipe_search import write_search_tables
+
+    for name, path in write_search_tables(run).items():
+        print(f"osteo: {name}: {path}", flush=True)
+
+
 def _report(run: runs.Run) -> None:
     from osteolib.cli.report import NOTEBOOK, export_run_report
     from osteolib.report.export import free_stem
@@ -93,7 +100,7 @@ def _report(run: runs.Run) -> None:
 
 
 # Collection steps a profile step may name with `after:`; each runs once all of the step's executions succeeded.
-AFTER_STEP = {"results_tables": _results_tables, "report": _report}
+AFTER_STEP = {"results_tables": _results_tables, "recipe_search": _recipe_search, "report": _report}
 
 
 class RunInterrupted(KeyboardInterrupt):

@@ -106,7 +106,11 @@ def write_results_tables(run: Run) -> dict[str, Path]:
     * with an external test set (notebook 00's ``external_test``): ``tables/results_external_runs.csv``,
       ``tables/results_external_summary.csv``, ``tables/results_external_runs_ci.csv``, ``tables/table1_external.csv|md``
       and ``figures/roc_external.png|pdf``;
-    * with several label fractions: ``tables/label_efficiency.csv|md|tex`` and ``figures/label_efficiency.png|pdf``.
+    * with several label fractions: ``tables/label_efficiency.csv|md|tex`` (mean ± SD), ``tables/label_efficiency_ci.csv``
+      (the curve: AUC averaged over seeds with a patient-bootstrap CI), ``figures/label_efficiency.png|pdf`` (the curve
+      with its bands) and, with a random-initialisation baseline, ``tables/label_efficiency_effects.csv`` (the
+      pretraining effect at each fraction, Holm-corrected) and ``tables/label_efficiency_model.csv`` (test AUC ~
+      initialisation x log2 fraction, seed as random effect).
     """
     import matplotlib.pyplot as plt
 
@@ -147,18 +151,49 @@ def write_results_tables(run: Run) -> dict[str, Path]:
 
     fractions = sorted(test_summary["label_fraction"].unique()) if "label_fraction" in test_summary.columns else [1.0]
     if len(fractions) > 1:
-        efficiency = label_efficiency_table(test_summary)
-        paths["label_efficiency"] = tables / "label_efficiency.csv"
-        efficiency.to_csv(paths["label_efficiency"], index=False)
-        paths["label_efficiency_md"] = tables / "label_efficiency.md"
-        to_markdown(efficiency, paths["label_efficiency_md"])
-        paths["label_efficiency_tex"] = tables / "label_efficiency.tex"
-        to_latex(efficiency, paths["label_efficiency_tex"], caption="Test AUC by share of training labels",
-                 label="tab:label-efficiency")
-        figure = label_efficiency_figure(test_summary)
-        for path in save_figure(figure, run.figures, "label_efficiency"):
-            paths[f"label_efficiency_{path.suffix[1:]}"] = path
-        plt.close(figure)
+        paths.update(_write_label_efficiency(run, predictions, test_summary))
+    return paths
+
+
+def _write_label_efficiency(run: Run, predictions: pd.DataFrame, summary: pd.DataFrame) -> dict[str, Path]:
+    """The label-efficiency outputs: the mean ± SD table, the curve with patient-level bands, the pretraining effect
+    at each fraction (Holm-corrected) and the mixed model (:mod:`osteolib.evaluation.stats.label_efficiency`)."""
+    import matplotlib.pyplot as plt
+
+    from osteolib.plotting import save_figure
+
+    tables, paths = run.tables, {}
+    efficiency = label_efficiency_table(summary)
+    paths["label_efficiency"] = _write_csv(efficiency, tables / "label_efficiency.csv")
+    paths["label_efficiency_md"] = tables / "label_efficiency.md"
+    to_markdown(efficiency, paths["label_efficiency_md"])
+    paths["label_efficiency_tex"] = tables / "label_efficiency.tex"
+    to_latex(efficiency, paths["label_efficiency_tex"], caption="Test AUC by share of training labels",
+             label="tab:label-efficiency")
+
+    test = predictions[predictions["split"] == "test"]
+    manifest = run.find_optional("data/manifest.csv")
+    if manifest is not None:
+        from osteolib.data import read_manifest
+
+        test = stats.with_patients(test, read_manifest(manifest, check_files=False))
+    else:  # a folder of bare predictions: every image its own patient
+        test = test.assign(patient_id=test["image_id"].astype(str))
+    positive = class_names(predictions)[-1]
+    points = stats.curve_points(test, positive)
+    paths["label_efficiency_ci"] = _write_csv(points, tables / "label_efficiency_ci.csv")
+    if (test["scenario"] == "random").any() and test["scenario"].nunique() > 1:
+        effects = stats.pretraining_effects(test, positive)
+        paths["label_efficiency_effects"] = _write_csv(effects, tables / "label_efficiency_effects.csv")
+        per_run = evaluate_runs(predictions)
+        models = stats.efficiency_models(per_run[per_run["split"] == "test"])
+        if models:
+            paths["label_efficiency_model"] = _write_csv(stats.model_table(models),
+                                                         tables / "label_efficiency_model.csv")
+    figure = label_efficiency_figure(points)
+    for path in save_figure(figure, run.figures, "label_efficiency"):
+        paths[f"label_efficiency_{path.suffix[1:]}"] = path
+    plt.close(figure)
     return paths
 
 
@@ -206,7 +241,8 @@ def _subgroup_results(run: Run, predictions: pd.DataFrame, splits: list[str]) ->
     for split, path in manifests.items():
         groups = stats.subgroup_columns(read_manifest(path, check_files=False))
         if len(groups.columns) > 1:
-            out.append(stats.subgroup_table(predictions, groups, split=split, positive=classes[-1]))
+            out.append(stats.subgroup_table(predictions, groups, split=split, positive=classes[-1],
+                                              run_keys=_run_keys(predictions)))
     out = [t for t in out if len(t)]
     return pd.concat(out, ignore_index=True) if out else None
 
@@ -267,31 +303,41 @@ def label_efficiency_table(summary: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def label_efficiency_figure(summary: pd.DataFrame):
-    """Test AUC against the share of training labels: one panel per backbone, one line per scenario,
-    error bars = standard deviation over seeds (none where a point has a single seed)."""
+def label_efficiency_figure(points: pd.DataFrame):
+    """Test AUC against the share of training labels: one panel per backbone, one line per initialisation (the mean
+    over seeds), a band for its 95 % patient-bootstrap interval (:func:`osteolib.evaluation.stats.curve_points`)."""
     import matplotlib.pyplot as plt
 
-    needed = [c for c in ("backbone", "scenario", "label_fraction", "auc_mean", "auc_std") if c not in summary.columns]
+    needed = [c for c in ("backbone", "scenario", "label_fraction", "auc", "ci_low", "ci_high") if c not in points.columns]
     if needed:
-        raise ValueError(f"the summary lacks {needed}; build it with collect_results(run)")
-    backbones = list(dict.fromkeys(summary["backbone"]))
-    fractions = sorted(summary["label_fraction"].unique())
-    fig, axes = plt.subplots(1, len(backbones), figsize=(4.2 * len(backbones), 3.4), squeeze=False, sharey=True)
+        raise ValueError(f"the curve points lack {needed}; build them with osteolib.evaluation.stats.curve_points")
+    backbones = [b for b in BACKBONE_LABELS if b in set(points["backbone"])] + \
+        sorted(set(points["backbone"]) - set(BACKBONE_LABELS))
+    scenarios = [c for c in SCENARIOS if c in set(points["scenario"])] + sorted(set(points["scenario"]) - set(SCENARIOS))
+    colours = dict(zip(scenarios, plt.cm.tab10.colors))
+    fractions = sorted(points["label_fraction"].unique())
+    fig, axes = plt.subplots(1, len(backbones), figsize=(4.4 * len(backbones), 3.6), squeeze=False, sharey=True)
     for ax, backbone in zip(axes[0], backbones):
-        rows = summary[summary["backbone"] == backbone]
-        for scenario, group in rows.groupby("scenario", sort=False):
-            group = group.sort_values("label_fraction")
-            ax.errorbar(group["label_fraction"], group["auc_mean"], yerr=group["auc_std"].fillna(0.0), marker="o",
-                        capsize=3, linewidth=1.2, markersize=4, label=SCENARIO_LABELS.get(scenario, scenario))
+        ax.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
+        for scenario in scenarios:
+            line = points[(points["backbone"] == backbone) & (points["scenario"] == scenario)]
+            if line.empty:
+                continue
+            line = line.sort_values("label_fraction")
+            seeds = int(line["seeds"].max()) if "seeds" in line.columns else None
+            label = SCENARIO_LABELS.get(scenario, scenario) + (f" ({seeds} seed{'s' * (seeds != 1)})" if seeds else "")
+            ax.fill_between(line["label_fraction"], line["ci_low"], line["ci_high"], color=colours[scenario],
+                            alpha=0.15, linewidth=0)
+            ax.plot(line["label_fraction"], line["auc"], marker="o", markersize=4, linewidth=1.4,
+                    color=colours[scenario], label=label)
         ax.set_xscale("log")
         ax.set_xticks(fractions)
         ax.set_xticklabels([f"{f:.0%}" for f in fractions])
         ax.minorticks_off()
-        ax.set_xlabel("share of training labels")
+        ax.set_xlabel("share of training patients with labels")
         ax.set_title(BACKBONE_LABELS.get(backbone, backbone), fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("test AUC (mean ± std over seeds)")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    axes[0][0].set_ylabel("test AUC (mean over seeds, 95 % CI)")
+    axes[0][-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
     return fig

@@ -23,7 +23,8 @@ from osteolib.runs import Run
 from osteolib.stages.finetune_config import run_name_of
 
 __all__ = ["MissingReportInput", "ReportInputs", "show", "overview", "data_and_flow", "discrimination",
-           "calibration", "subgroups", "external_validation", "explanations", "reproducibility", "checklist"]
+           "fair_comparison", "calibration", "subgroups", "external_validation", "explanations", "reproducibility",
+           "checklist"]
 
 Block = Any  # str (Markdown) | pd.DataFrame | Path (a figure)
 
@@ -202,10 +203,14 @@ def discrimination(inputs: ReportInputs) -> list[Block]:
     stage = "04_finetune (its results_tables step)"
     summary = inputs.table("tables/results_summary.csv", stage)
     per_run = inputs.table("tables/results_runs_ci.csv", stage)
+    every = "**Every run** with its 95 % confidence intervals (test split; AUC: DeLong, the others: Wilson)"
+    if "label_fraction" in per_run.columns and per_run["label_fraction"].nunique() > 1:
+        largest = per_run["label_fraction"].max()
+        per_run = per_run[per_run["label_fraction"] == largest]
+        every += f", at {largest:.0%} of the training labels (the other shares: section 3)"
     blocks: list[Block] = [
         "**Table 1.** Test ROC AUC, accuracy, sensitivity and specificity, mean ± standard deviation over seeds (n = "
-        "runs), each run at the threshold chosen on its own validation split.", table1(summary),
-        "**Every run** with its 95 % confidence intervals (test split; AUC: DeLong, the others: Wilson):",
+        "runs), each run at the threshold chosen on its own validation split.", table1(summary), every + ":",
         intervals_table(per_run)]
     blocks += ["**ROC curves** of the test split, one line per seed; dots mark each run's validation-chosen "
                "operating point.", inputs.path("figures/roc_test.png", "04_finetune (results_tables)")]
@@ -217,10 +222,92 @@ def discrimination(inputs: ReportInputs) -> list[Block]:
             blocks.append(paired_tests_table(inputs.table("tables/05_significance.csv", "05_gradcam_statistics")))
         else:
             blocks.append("No paired tests: the grid has no random-initialisation baseline to compare with.")
-    efficiency = inputs.optional("figures/label_efficiency.png")
-    if efficiency is not None:
-        blocks += ["**Label efficiency**: test AUC against the share of training labels.", efficiency]
     return blocks
+
+
+def fair_comparison(inputs: ReportInputs) -> list[Block]:
+    """The recipe search (each initialisation's recipe chosen on validation) and the label-efficiency curve with its
+    pretraining effects and mixed model, where the run has them."""
+    search = inputs.optional("tables/recipe_search.csv")
+    curve = inputs.optional("tables/label_efficiency_ci.csv")
+    if search is None and curve is None:
+        return ["This run has neither a recipe search nor a label-efficiency curve: every initialisation was trained "
+                "with the profile's one recipe at one share of the labels (the `label_efficiency` profile runs both)."]
+    blocks: list[Block] = []
+    if search is not None:
+        table = pd.read_csv(search)
+        cost = json.loads(inputs.path("tables/recipe_choice.json", "04a_recipe_search (recipe_search)").read_text())
+        blocks += ["**Recipe search** (notebook 04a, validation split only; the test split was not read). Each "
+                   "initialisation and backbone was trained with every candidate recipe; the one with the best "
+                   "validation AUC averaged over its seeds is marked and is the recipe its fine-tuning runs used. "
+                   + cost.get("cost", ""), recipe_table(table)]
+    else:
+        blocks.append("No recipe search in this run: every initialisation used the profile's recipe.")
+    if curve is not None:
+        points = pd.read_csv(curve)
+        blocks += ["**Label efficiency.** Test AUC against the share of training patients whose labels were used "
+                   "(nested, label-stratified subsets; validation and test unchanged): the mean over seeds, the band "
+                   "its 95 % interval from resampling test patients.",
+                   inputs.path("figures/label_efficiency.png", "04_finetune (results_tables)"), curve_table(points)]
+        effects = inputs.optional("tables/label_efficiency_effects.csv")
+        if effects is not None:
+            effects = pd.read_csv(effects)
+            significant = effects[effects["p_holm"] < 0.05]
+            blocks += [f"**The pretraining effect at each share** (seed-averaged test AUC minus random "
+                       f"initialisation's on the same test patients, paired patient bootstrap; Holm over all "
+                       f"{len(effects)} comparisons): {len(significant)} of {len(effects)} differ from zero after "
+                       f"correction" + ("." if significant.empty else ": " + "; ".join(
+                           f"{_model(r.backbone, r.scenario)} at {r.label_fraction:.0%} ({r.effect:+.3f})"
+                           for r in significant.itertuples()) + "."), effects_table(effects)]
+        model = inputs.optional("tables/label_efficiency_model.csv")
+        if model is not None:
+            model = pd.read_csv(model)
+            blocks += ["**Mixed model** of test AUC on initialisation × log2(share of labels), the seed a random "
+                       "intercept, per backbone. `log2_fraction` is the AUC gained per doubling of the labels from "
+                       "random initialisation; an initialisation's term is its difference at 100 % of the labels; "
+                       "its `:log2_fraction` term how that difference changes per doubling (negative: pretraining "
+                       "helps more with fewer labels). " + "; ".join(
+                           f"{BACKBONE_LABELS.get(b, b)}: {g['method'].iloc[0]} ({g['reason'].iloc[0]})"
+                           for b, g in model.groupby("backbone", sort=False)) + ".", model_table(model)]
+    return blocks
+
+
+def recipe_table(table: pd.DataFrame) -> pd.DataFrame:
+    """``recipe_search.csv`` narrowed for a page: model, recipe, its settings, validation AUC per seed and mean."""
+    return pd.DataFrame({
+        "model": [_model(b, s) for b, s in zip(table["backbone"], table["scenario"])], "recipe": table["recipe"],
+        "peak lr": [f"{v:.2g}" for v in table["peak_lr"]],
+        "layer decay": table["layer_decay"].map(lambda v: "-" if pd.isna(v) else f"{v:g}"),
+        "RandAugment": table["randaug_magnitude"].map(lambda v: "-" if pd.isna(v) else f"{int(v)}"),
+        "epochs": table["epochs"].astype(int), "validation AUC per seed": table["valid_auc_per_seed"],
+        "mean": table["valid_auc_mean"], "chosen": table["chosen"].map({True: "chosen", False: ""})})
+
+
+def curve_table(points: pd.DataFrame) -> pd.DataFrame:
+    """The curve's points: model, share of labels, seeds, AUC [95 % CI]."""
+    return pd.DataFrame({"model": [_model(b, s) for b, s in zip(points["backbone"], points["scenario"])],
+                         "labels": [f"{f:.0%}" for f in points["label_fraction"]], "seeds": points["seeds"],
+                         "test AUC [95 % CI]": [_ci(a, lo, hi) for a, lo, hi in
+                                                zip(points["auc"], points["ci_low"], points["ci_high"])]})
+
+
+def effects_table(effects: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({"model": [_model(b, s) for b, s in zip(effects["backbone"], effects["scenario"])],
+                         "labels": [f"{f:.0%}" for f in effects["label_fraction"]],
+                         "AUC vs random": [f"{a:.3f} vs {r:.3f}" for a, r in
+                                           zip(effects["auc"], effects["reference_auc"])],
+                         "difference [95 % CI]": [_ci(e, lo, hi) for e, lo, hi in
+                                                  zip(effects["effect"], effects["ci_low"], effects["ci_high"])],
+                         "p": effects["p_value"].map(_p), "p (Holm)": effects["p_holm"].map(_p)})
+
+
+def model_table(model: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({"backbone": [BACKBONE_LABELS.get(b, b) for b in model["backbone"]],
+                         "term": model["term"].str.replace("scenario[T.", "", regex=False).str.replace("]", "",
+                                                                                                       regex=False),
+                         "estimate [95 % CI]": [_ci(e, lo, hi) for e, lo, hi in
+                                                zip(model["estimate"], model["ci_low"], model["ci_high"])],
+                         "p": model["p_value"].map(_p), "p (Holm)": model["p_holm"].map(_p)})
 
 
 TEST_LABELS = {"delong_auc": "AUC (DeLong)", "mcnemar_accuracy": "accuracy (McNemar)"}

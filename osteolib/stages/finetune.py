@@ -86,6 +86,8 @@ __all__ = [
     "check_finetune_inputs",
     "build_model",
     "predict_probs",
+    "Selected",
+    "train_and_select",
     "finetune",
     "finetuned_runs",
     "load_finetuned",
@@ -206,47 +208,40 @@ class FinetuneResult:
     external_metrics: dict[str, Any] | None = None
 
 
-def finetune(run: Run, config: FinetuneConfig, manifest: pd.DataFrame, cache: Any, mean: float, std: float,
-             classes: Sequence[str] | None = None, quiet: bool = False, resume: bool = False,
-             external: tuple[pd.DataFrame, Any] | None = None) -> FinetuneResult:
-    """Fine-tune one run, select on validation, predict test once, and write its files into ``run``.
+@dataclass
+class Selected:
+    """A trained run whose choices are fixed from the validation split alone: the best epoch's weights (loaded into
+    ``model``), its validation predictions and the threshold chosen on them. No test image was read to get here."""
 
-    ``external`` (the external test set's manifest and its image cache, notebook 00's ``external_test``) is
-    predicted once too, after selection, at the same validation-chosen threshold; its rows have split "external".
-    Files: ``predictions/<name>.csv`` (val rows of the selected checkpoint + test rows [+ external rows]),
-    ``logs/<name>-history.csv`` (per epoch), ``logs/<name>-summary.json`` (choices and metrics), and the
-    training folder ``checkpoints/finetune/<name>/`` (``best.pt`` = the selected weights). ``classes`` fixes
-    the class order (binary: ``classes[1]`` is positive); default sorted label names. ``resume`` continues
-    an interrupted training folder. Every input check runs before training (:func:`check_finetune_inputs`).
-    """
-    started = time.perf_counter()
-    name = run_name(config)
-    predictions_path = run.predictions / f"{name}.csv"
-    if predictions_path.exists():
-        raise FileExistsError(f"{predictions_path} exists: run {name} is already finished in {run.path}; "
-                              f"start a new run folder (predictions are written once)")
-    inputs = check_finetune_inputs(config, run, manifest, classes)
+    inputs: FinetuneInputs
+    model: nn.Module
+    fitted: Any  # the engine's fit result (history, best epoch and value, precision)
+    val_table: pd.DataFrame
+    threshold: float | None
+    out_dir: Path
+    identifiers: dict[str, Any]
+
+
+def train_and_select(run: Run, config: FinetuneConfig, manifest: pd.DataFrame, cache: Any, mean: float, std: float,
+                     name: str, out_dir: Path, classes: Sequence[str] | None = None, quiet: bool = False,
+                     resume: bool = False, splits_used: Sequence[str] = ("train", "val", "test")) -> Selected:
+    """Fine-tune ``config`` into ``out_dir`` and fix every choice on validation: the epoch with the best validation
+    AUC and the decision threshold on that checkpoint's validation predictions. Reads no test image; with
+    ``splits_used=("train", "val")`` (the recipe search) not even the test rows' ids and labels."""
+    inputs = check_finetune_inputs(config, run, manifest, classes, splits_used=splits_used)
     absent = [i for i in inputs.test_ids + inputs.val_ids if i not in cache.index]
     if absent:
         raise KeyError(f"{len(absent)} val/test image ids are not in the cache (first: {absent[:5]}); build the cache "
                        f"from the same manifest")
-    if external is not None:
-        absent = [i for i in external[0]["image_id"].astype(str) if i not in external[1].index]
-        if absent:
-            raise KeyError(f"{len(absent)} external test image ids are not in its cache (first: {absent[:5]}); build "
-                           f"the cache from the external manifest")
-        unknown = sorted(set(external[0]["label"].astype(str)) - set(inputs.classes))
-        if unknown:
-            raise ValueError(f"the external test set has label(s) {unknown} outside the classes {inputs.classes}; "
-                             f"map them in notebook 00's external_test label_map")
     model, classes = inputs.model, inputs.classes
     if not quiet:
         if inputs.load_report is not None:
             print(inputs.load_report.summary())
         counts = inputs.counts()
         print(f"[{name}] train {counts['train']} ({counts['train_image_fraction']:.1%} of "
-              f"{counts['train_images_before_fraction']} train images), val {counts['val']}, test {counts['test']}; "
-              f"{counts['rows_outside_train_val_test']} manifest rows outside train/val/test are not used")
+              f"{counts['train_images_before_fraction']} train images), val {counts['val']}"
+              + (f", test {counts['test']}" if "test" in splits_used else ", test not read")
+              + f"; {counts['rows_outside_train_val_test']} manifest rows outside train/val/test are not used")
 
     train_transform = finetune_transform(config.image_size, crop="random", scale=config.crop_scale, flip=config.hflip,
                                          magnitude=config.randaug_magnitude)
@@ -255,7 +250,6 @@ def finetune(run: Run, config: FinetuneConfig, manifest: pd.DataFrame, cache: An
                            valid_transform=crop_policy("none", config.image_size), batch_size=config.batch_size,
                            valid_batch_size=2 * config.batch_size, seed=config.seed, mean=mean, std=std)
     callbacks = [MixupCallback(config.mixup, config.cutmix, len(classes))] if config.uses_mixing else []
-    out_dir = run.checkpoints / "finetune" / name
     fitted = fit(model, dls, config.train_config(), out_dir, loss_func=soft_cross_entropy, metrics=[auc_metric()],
                  stage="finetune", resume=resume, quiet=quiet, cbs=callbacks)
     if fitted.best_path is None:
@@ -274,6 +268,45 @@ def finetune(run: Run, config: FinetuneConfig, manifest: pd.DataFrame, cache: An
     threshold = None
     if len(classes) == 2:
         threshold = choose_threshold(np.asarray(inputs.val_targets), val_probs[:, 1], method=config.threshold_method)
+    return Selected(inputs=inputs, model=model, fitted=fitted, val_table=val_table, threshold=threshold,
+                    out_dir=out_dir, identifiers=identifiers)
+
+
+def finetune(run: Run, config: FinetuneConfig, manifest: pd.DataFrame, cache: Any, mean: float, std: float,
+             classes: Sequence[str] | None = None, quiet: bool = False, resume: bool = False,
+             external: tuple[pd.DataFrame, Any] | None = None) -> FinetuneResult:
+    """Fine-tune one run, select on validation, predict test once, and write its files into ``run``.
+
+    ``external`` (the external test set's manifest and its image cache, notebook 00's ``external_test``) is
+    predicted once too, after selection, at the same validation-chosen threshold; its rows have split "external".
+    Files: ``predictions/<name>.csv`` (val rows of the selected checkpoint + test rows [+ external rows]),
+    ``logs/<name>-history.csv`` (per epoch), ``logs/<name>-summary.json`` (choices and metrics), and the
+    training folder ``checkpoints/finetune/<name>/`` (``best.pt`` = the selected weights). ``classes`` fixes
+    the class order (binary: ``classes[1]`` is positive); default sorted label names. ``resume`` continues
+    an interrupted training folder. Every input check runs before training (:func:`check_finetune_inputs`).
+    A config with ``recipe="searched"`` is resolved first (:func:`osteolib.stages.recipe_search.resolve_recipe`).
+    """
+    started = time.perf_counter()
+    name = run_name(config)
+    predictions_path = run.predictions / f"{name}.csv"
+    if predictions_path.exists():
+        raise FileExistsError(f"{predictions_path} exists: run {name} is already finished in {run.path}; "
+                              f"start a new run folder (predictions are written once)")
+    if external is not None:
+        absent = [i for i in external[0]["image_id"].astype(str) if i not in external[1].index]
+        if absent:
+            raise KeyError(f"{len(absent)} external test image ids are not in its cache (first: {absent[:5]}); build "
+                           f"the cache from the external manifest")
+        labels = set(external[0]["label"].astype(str))
+        in_splits = manifest["split"].astype(str).isin(("train", "val", "test"))
+        known = set(map(str, classes)) if classes is not None else set(manifest.loc[in_splits, "label"].astype(str))
+        if labels - known:
+            raise ValueError(f"the external test set has label(s) {sorted(labels - known)} outside the classes "
+                             f"{sorted(known)}; map them in notebook 00's external_test label_map")
+    selected = train_and_select(run, config, manifest, cache, mean, std, name, run.checkpoints / "finetune" / name,
+                                classes=classes, quiet=quiet, resume=resume)
+    inputs, model, fitted, threshold = selected.inputs, selected.model, selected.fitted, selected.threshold
+    classes, identifiers, val_table = inputs.classes, selected.identifiers, selected.val_table
 
     # Only now is the test split read, once.
     test_probs = predict_probs(model, cache, inputs.test_ids, config.image_size, mean, std,
@@ -297,16 +330,14 @@ def finetune(run: Run, config: FinetuneConfig, manifest: pd.DataFrame, cache: An
     logs = run.dir("logs")
     history_path = logs / f"{name}-history.csv"
     fitted.history.to_csv(history_path, index=False)
-    throughput = fitted.history.get("train_images_per_s")
-    images_per_s = float(throughput.iloc[-1]) if throughput is not None and len(throughput) else None
     result = FinetuneResult(
         name=name, config=config, model=model, history=fitted.history, chosen_epoch=int(fitted.best_epoch),
         valid_auc=float(fitted.best_value), threshold=threshold, val_metrics=val_metrics, test_metrics=test_metrics,
         predictions_path=predictions_path, history_path=history_path, summary_path=logs / f"{name}-summary.json",
-        out_dir=out_dir, classes=classes, counts=inputs.counts(), load_report=inputs.load_report,
-        precision=fitted.precision.name, train_images_per_s=images_per_s, seconds=time.perf_counter() - started,
-        external_metrics=external_metrics)
-    _write_summary(result, inputs)
+        out_dir=selected.out_dir, classes=classes, counts=inputs.counts(), load_report=inputs.load_report,
+        precision=fitted.precision.name, train_images_per_s=images_per_s(fitted.history),
+        seconds=time.perf_counter() - started, external_metrics=external_metrics)
+    write_summary(result, inputs)
     if not quiet:
         at = f" at threshold {threshold:.3f} (val {config.threshold_method})" if threshold is not None else ""
         print(f"[{name}] selected epoch {result.chosen_epoch} (valid AUC {result.valid_auc:.3f}); test AUC "
@@ -315,7 +346,14 @@ def finetune(run: Run, config: FinetuneConfig, manifest: pd.DataFrame, cache: An
     return result
 
 
-def _write_summary(result: FinetuneResult, inputs: FinetuneInputs) -> None:
+def images_per_s(history: pd.DataFrame) -> float | None:
+    """The last epoch's training throughput, when the history records it."""
+    throughput = history.get("train_images_per_s")
+    return float(throughput.iloc[-1]) if throughput is not None and len(throughput) else None
+
+
+def write_summary(result: FinetuneResult, inputs: FinetuneInputs) -> None:
+    """The run's choices and metrics as ``result.summary_path`` (JSON)."""
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(result.config).items()}
     summary = {
         "name": result.name, "config": config, "peak_lr": result.config.train_config().peak_lr,

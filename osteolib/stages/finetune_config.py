@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,13 @@ from osteolib import models
 from osteolib.engine import TrainConfig
 from osteolib.study import FINETUNE_SCENARIOS, OWN_CHECKPOINT
 
-__all__ = ["FinetuneConfig", "run_name", "MONITOR", "THRESHOLD_METHODS", "PRECISIONS"]
+__all__ = ["FinetuneConfig", "run_name", "MONITOR", "THRESHOLD_METHODS", "PRECISIONS", "RECIPE_FIELDS", "SEARCHED"]
 
 MONITOR = "valid_auc"
+# the training settings a recipe fixes (what the recipe search varies and hands on); not the data, model or seed
+RECIPE_FIELDS = ("epochs", "batch_size", "base_lr", "weight_decay", "layer_decay", "warmup_epochs", "drop_path",
+                 "randaug_magnitude", "crop_scale", "hflip", "mixup", "cutmix")
+SEARCHED = "searched"  # recipe=SEARCHED: the recipe search's choice for the run's scenario and backbone
 THRESHOLD_METHODS = ("youden", "f1")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
@@ -40,7 +45,9 @@ class FinetuneConfig:
     ``init_checkpoint``: a weights file the user brings (timm state dict, medical-MAE ``{"model": ...}`` or an
     osteolib checkpoint), used with ``scenario="own_checkpoint"`` and only with it; its existence is checked when
     the run starts (:meth:`check_init_checkpoint`), not on construction, so a finished run stays loadable after
-    the file moved.
+    the file moved. ``recipe``: a name for the training settings (the fields of :data:`RECIPE_FIELDS`); the recipe
+    search (notebook 04a) tells its candidates apart by it, and ``"searched"`` asks for the settings that search
+    chose on validation for this scenario and backbone (:func:`osteolib.stages.recipe_search.resolve_recipe`).
     """
 
     scenario: str
@@ -64,6 +71,7 @@ class FinetuneConfig:
     precision: str = "auto"
     threshold_method: str = "youden"
     init_checkpoint: str | None = None
+    recipe: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.crop_scale, (list, tuple)) and all(is_number(v) for v in self.crop_scale):
@@ -126,6 +134,9 @@ class FinetuneConfig:
         need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS} (got {self.precision!r})")
         need(self.threshold_method in THRESHOLD_METHODS,
              f"threshold_method must be one of {THRESHOLD_METHODS} (got {self.threshold_method!r})")
+        need(self.recipe is None or (isinstance(self.recipe, str) and re.fullmatch(r"[A-Za-z0-9_.+]+", self.recipe)),
+             f"recipe must be None or a name of letters, digits and _ . + (it goes into file names; got "
+             f"{self.recipe!r})")
         if problems:
             raise ValueError("invalid FinetuneConfig: " + "; ".join(problems))
 

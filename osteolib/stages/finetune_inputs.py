@@ -19,7 +19,7 @@ from torch import nn
 from osteolib import models
 from osteolib.data import check_no_leakage, split_targets
 from osteolib.runs import Run
-from osteolib.stages.finetune_config import FinetuneConfig, is_number
+from osteolib.stages.finetune_config import SEARCHED, FinetuneConfig, is_number
 from osteolib.stages.pretrain import default_patch_size, find_checkpoint
 from osteolib.study import PRETRAINING_BACKBONES
 from osteolib.utils import size_pair
@@ -265,12 +265,14 @@ def _resolve_classes(manifest: pd.DataFrame, classes: Sequence[str] | None) -> l
 
 
 def check_finetune_inputs(config: FinetuneConfig, run: Run, manifest: pd.DataFrame,
-                          classes: Sequence[str] | None = None) -> FinetuneInputs:
+                          classes: Sequence[str] | None = None,
+                          splits_used: Sequence[str] = ("train", "val", "test")) -> FinetuneInputs:
     """Every check of a run, before any loader is built or any step trained; returns what they established.
 
     The config is valid; the manifest has the columns, splits and labels needed; every split (train after
     ``label_fraction``, val, test) holds at least two classes (else AUC is undefined); the scenario's
     checkpoint exists (``random`` needs none) and loads into the model without a missing or foreign key.
+    ``splits_used=("train", "val")`` (the recipe search) leaves the test rows unread: no test id or label is taken.
     """
     if not isinstance(config, FinetuneConfig):
         raise TypeError(f"config must be a FinetuneConfig, got {type(config).__name__}")
@@ -284,11 +286,20 @@ def check_finetune_inputs(config: FinetuneConfig, run: Run, manifest: pd.DataFra
     if repeated:
         raise ValueError(f"the manifest repeats image_id(s) {repeated[:5]}: ids must be unique")
     check_no_leakage(manifest, check_content=False)  # a patient in two splits is scored as unseen: never train on it
+    unknown = sorted(set(splits_used) - {"train", "val", "test"})
+    if unknown or not {"train", "val"} <= set(splits_used):
+        raise ValueError(f"splits_used={list(splits_used)}: a run trains on train and selects on val; test is optional")
+    if config.recipe == SEARCHED:
+        raise ValueError(f"recipe={SEARCHED!r} is a request, not settings: resolve it first with "
+                         f"osteolib.stages.recipe_search.resolve_recipe(config, run)")
+    rows_outside = int((~manifest["split"].astype(str).isin(("train", "val", "test"))).sum())
+    if "test" not in splits_used:
+        manifest = manifest[manifest["split"].astype(str) != "test"]
     classes = _resolve_classes(manifest, classes)
     splits = {}
-    for split in ("train", "val", "test"):
+    for split in splits_used:
         splits[split] = split_targets(manifest, split, classes)
-    rows_outside = int((~manifest["split"].astype(str).isin(("train", "val", "test"))).sum())
+    splits.setdefault("test", ([], []))
 
     all_train = manifest[manifest["split"].astype(str) == "train"]
     chosen = label_fraction_subset(all_train, config.label_fraction, config.seed)
@@ -298,6 +309,8 @@ def check_finetune_inputs(config: FinetuneConfig, run: Run, manifest: pd.DataFra
     splits["train"] = (train_ids, train_targets)
 
     for split, (ids, targets) in splits.items():
+        if split not in splits_used:
+            continue
         present = sorted(set(targets))
         if len(present) < 2:
             extra = f" after label_fraction={config.label_fraction}" if split == "train" and \

@@ -87,6 +87,33 @@ WHOLE_SEQUENCE = f"""\
 """
 
 
+FINETUNE_STEP = f"""\
+  - notebook: 04_finetune
+    parameters: {{{TRAINING}, base_lr: 0.02, layer_decay: null, randaug_magnitude: null, backbone: densenet121}}
+    grid:
+      scenario: [random, chest_mae+rotation]
+    after: results_tables
+"""
+# the label-table run searches each initialisation's recipe on validation, then trains the chosen one on half and
+# all of the training patients (issue 21's profile step, at toy scale)
+SEARCH_AND_CURVE = f"""\
+  - notebook: 04a_recipe_search
+    parameters: {{{TRAINING}, backbone: densenet121, layer_decay: null, randaug_magnitude: null}}
+    variants:
+      - {{recipe: low, base_lr: 0.002}}
+      - {{recipe: high, base_lr: 0.02}}
+    grid:
+      scenario: [random, chest_mae+rotation]
+    after: recipe_search
+  - notebook: 04_finetune
+    parameters: {{{TRAINING}, recipe: searched, backbone: densenet121}}
+    grid:
+      scenario: [random, chest_mae+rotation]
+      label_fraction: [0.5, 1.0]
+    after: results_tables
+"""
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     # 256 px files: the copy detector compares fine structure, which a 64 px rendering no longer has
@@ -181,6 +208,8 @@ def table_run(tmp_path_factory) -> Path:
                                  layout="csv")
     later = WHOLE_SEQUENCE.replace("LAB", str(table_lab.root)).replace(
         "{scenario: chest_mae, backbone: densenet121,", "{scenario: chest_mae, backbone: densenet121, text_column: report,")
+    assert FINETUNE_STEP in later
+    later = later.replace(FINETUNE_STEP, SEARCH_AND_CURVE)
     path = profile(tmp, "own_table", table_lab, "csv", "group", later, external_test=EXTERNAL)
     return run_profile(str(path), runs_dir=tmp / "runs", log_output=False, jobs=2).path
 
@@ -193,7 +222,19 @@ def test_the_same_images_from_a_label_table(grouped_run, table_run):
     key = ["label", "split"]
     by_name = lambda m: m.assign(name=[Path(p).stem for p in m["path"]]).set_index("name").sort_index()[key]
     pd.testing.assert_frame_equal(by_name(from_table), by_name(from_folders))
-    assert len(list((run / "predictions").glob("*.csv"))) == 2
+    assert len(list((run / "predictions").glob("*.csv"))) == 4  # 2 initialisations x 2 label fractions
+    # the recipe search: 4 candidates, one chosen per initialisation, validation rows only, and the curve's runs
+    # trained what it chose
+    search = pd.read_csv(run / "tables" / "recipe_search.csv")
+    assert len(search) == 4 and search.groupby("scenario")["chosen"].sum().tolist() == [1, 1]
+    assert all(set(pd.read_csv(p)["split"]) == {"val"} for p in (run / "recipe_search").glob("*-val.csv"))
+    chosen = search[search["chosen"]].set_index("scenario")["recipe"]
+    for summary in (run / "logs").glob("*-summary.json"):
+        config = json.loads(summary.read_text())["config"]
+        assert config["recipe"] == chosen[config["scenario"]], summary.name
+    effects = pd.read_csv(run / "tables" / "label_efficiency_effects.csv")
+    assert sorted(effects["label_fraction"]) == [0.5, 1.0] and effects["p_holm"].between(0, 1).all()
+    assert (run / "figures" / "label_efficiency.png").is_file()
     texts = pd.read_csv(run / "tables" / "06_pairs.csv")
     assert texts["text"].str.endswith(("density, intact cortex.", "thin cortex.")).all()  # the reports, not rules
 
@@ -249,15 +290,17 @@ def test_the_report_opens_in_a_browser_with_every_figure_and_prints_to_pages(tab
     assert seen["problems"] == [], seen["problems"]
     # every figure the sections point at is in the page, and loaded
     inputs = sections.ReportInputs(Run(run))
-    figures = [b for f in (sections.overview, sections.data_and_flow, sections.discrimination, sections.calibration,
+    figures = [b for f in (sections.overview, sections.data_and_flow, sections.discrimination,
+                           sections.fair_comparison, sections.calibration,
                            sections.subgroups, sections.external_validation, sections.explanations,
                            sections.reproducibility, sections.checklist) for b in f(inputs) if isinstance(b, Path)]
     assert len(seen["images"]) == len(figures), (seen["images"], figures)
     stems = {f.stem for f in figures}
-    assert {"00_flow", "roc_test", "roc_external", "05_gradcam_overlays", "05_confident_errors"} <= stems, stems
+    assert {"00_flow", "roc_test", "roc_external", "05_gradcam_overlays", "05_confident_errors",
+            "label_efficiency"} <= stems, stems
     assert any(s.endswith("_reliability") for s in stems), stems
     assert all(complete and width > 50 and height > 50 for complete, width, height in seen["images"])
-    assert [h.split(" · ")[0].strip() for h in seen["headings"]] == [str(k) for k in range(1, 9)], seen["headings"]
+    assert [h.split(" · ")[0].strip() for h in seen["headings"]] == [str(k) for k in range(1, 10)], seen["headings"]
     # numbers come from the run's tables: Table 1, the external set, the subgroups by sex / age band / site
     table1 = pd.read_csv(run / "tables" / "table1.csv")
     assert all(value in seen["text"] for value in table1.iloc[:, -1].astype(str)), table1

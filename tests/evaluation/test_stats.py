@@ -476,3 +476,68 @@ def test_agreement_model_uses_the_image_as_grouping_factor():
         st.agreement_model(df, "dice")
     both = st.agreement_model(df, "dice", fixed="scenario + method")
     assert "method[T.gradcam++]" in set(both.coefficients["term"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the label-efficiency curve: seed-averaged points, paired pretraining effects, the mixed model
+
+
+def _curve_predictions(gain: float, n_patients: int = 60, seed: int = 0) -> pd.DataFrame:
+    """Test rows of a (random, chest_mae) x 3 fractions x 3 seeds grid, two images per patient; chest_mae's scores
+    carry ``gain`` more signal, and every initialisation gains with the share of labels."""
+    rng = np.random.default_rng(seed)
+    patients = np.repeat([f"p{k}" for k in range(n_patients)], 2)
+    y = np.repeat(np.arange(n_patients) % 2, 2)
+    rows = []
+    for scenario in ("random", "chest_mae"):
+        for fraction in (0.1, 0.5, 1.0):
+            for s in (0, 1, 2):
+                signal = 0.6 + 0.4 * fraction + (gain if scenario == "chest_mae" else 0.0)
+                score = 1 / (1 + np.exp(-(signal * (2 * y - 1) + rng.normal(size=y.size))))
+                rows.append(pd.DataFrame({"image_id": [f"{p}-{k % 2}" for k, p in enumerate(patients)],
+                                          "patient_id": patients, "label": np.where(y == 1, "pos", "neg"),
+                                          "prob_pos": score, "backbone": "densenet121", "scenario": scenario,
+                                          "label_fraction": fraction, "seed": s}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def test_curve_points_average_the_seeds_with_a_patient_bootstrap_interval():
+    test = _curve_predictions(gain=0.0)
+    points = st.curve_points(test, "pos", n_boot=300)
+    assert len(points) == 6 and set(points["seeds"]) == {3} and set(points["test_patients"]) == {60}
+    one = test[(test["scenario"] == "random") & (test["label_fraction"] == 0.5)]
+    expected = np.mean([roc_auc_score(g["label"] == "pos", g["prob_pos"]) for _, g in one.groupby("seed")])
+    row = points[(points["scenario"] == "random") & (points["label_fraction"] == 0.5)].iloc[0]
+    assert row["auc"] == pytest.approx(expected) and row["ci_low"] < expected < row["ci_high"]
+    with pytest.raises(ValueError, match="different test images"):
+        st.curve_points(test.drop(index=test.index[(test["seed"] == 1)][:2]), "pos", n_boot=300)
+
+
+def test_pretraining_effects_find_a_real_gain_and_not_an_absent_one_with_holm_over_all_fractions():
+    gained = st.pretraining_effects(_curve_predictions(gain=1.5), "pos", n_boot=400)
+    assert len(gained) == 3 and (gained["effect"] > 0.05).all() and (gained["p_holm"] < 0.05).all()
+    assert (gained["ci_low"] > 0).all()
+    assert (gained["p_holm"] >= gained["p_value"]).all()  # Holm only raises p-values
+    null = st.pretraining_effects(_curve_predictions(gain=0.0, seed=1), "pos", n_boot=400)
+    assert (null["p_holm"] > 0.05).all() and ((null["ci_low"] < 0) & (null["ci_high"] > 0)).all()
+    with pytest.raises(ValueError, match="reference initialisation"):
+        st.pretraining_effects(_curve_predictions(gain=0.0), "pos", reference="imagenet")
+
+
+def test_the_efficiency_model_fits_initialisation_by_log_fraction_with_seed_as_random_effect():
+    rows = []
+    rng = np.random.default_rng(3)
+    for seed in range(3):
+        shift = rng.normal(scale=0.02)
+        for scenario, effect in (("random", 0.0), ("chest_mae", 0.08)):
+            for fraction in (0.05, 0.1, 0.25, 0.5, 1.0):
+                auc = 0.8 + 0.03 * np.log2(fraction) + effect + shift + rng.normal(scale=0.01)
+                rows.append({"backbone": "vit_small", "scenario": scenario, "label_fraction": fraction,
+                             "seed": seed, "auc": auc})
+    models = st.efficiency_models(pd.DataFrame(rows))
+    table = st.model_table(models).set_index("term")
+    assert set(table["method"]) == {"MixedLM"}
+    assert table.loc["log2_fraction", "estimate"] == pytest.approx(0.03, abs=0.01)
+    assert table.loc["scenario[T.chest_mae]", "estimate"] == pytest.approx(0.08, abs=0.02)
+    assert table.loc["scenario[T.chest_mae]", "p_holm"] < 0.05
+    assert math.isnan(table.loc["Intercept", "p_value"])  # a level, not a comparison

@@ -1,4 +1,5 @@
-"""The fine-tuning stage (osteolib.stages.finetune): honest selection, input checks, label fractions, layer decay,
+"""The fine-tuning stage (osteolib.stages.finetune) and its recipe search (osteolib.stages.recipe_search): honest
+selection, input checks, label fractions, layer decay,
 prediction files, and the multi-scale DenseNet wired into the backbone factory.
 
 Images are a synthetic 40-px stand-in cache (class 1 is brighter in the middle, so there is something to
@@ -7,7 +8,9 @@ learn); models are the real timm networks at 32 px, one or two epochs, on one th
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -33,6 +36,8 @@ from osteolib.stages.finetune import (
 from osteolib.models import CheckpointMismatchError, MaskedDenseNet, mae_vit_small, save_encoder_checkpoint
 from osteolib.runs import Run
 from osteolib.engine import param_groups
+from osteolib.stages import recipe_search
+from osteolib.stages.finetune_config import SEARCHED
 
 CACHE_SIZE, IMG = 40, 32
 CLASSES = ["normal", "osteoporosis"]
@@ -435,3 +440,112 @@ def test_mixup_mixes_training_batches_only_and_the_loss_takes_soft_targets():
     one_hot = torch.nn.functional.one_hot(targets, 2).float()
     assert torch.allclose(soft_cross_entropy(logits, one_hot), soft_cross_entropy(logits, targets))
     assert torch.allclose(soft_cross_entropy(logits, targets), torch.nn.functional.cross_entropy(logits, targets))
+
+
+# --- the recipe search: each initialisation's recipe chosen on validation only ------------------------
+
+
+NIH = Path(os.environ.get("OSTEOLIB_DATA_ROOT", Path(__file__).resolve().parents[3] / "shared" / "data")) \
+    / "nih-cxr14-subset"
+
+
+def test_candidates_read_no_test_data_and_the_searched_recipe_is_the_best_mean_validation_auc(tmp_path):
+    run, manifest = Run(tmp_path / "run"), make_manifest()
+    log: list = []
+    cache = make_cache(manifest, log)
+    test_rows = {cache.index[i] for i in manifest.loc[manifest["split"] == "test", "image_id"]}
+    # test labels no class knows: a search that took the test rows would fail on them
+    unreadable = manifest.assign(label=np.where(manifest["split"] == "test", "??", manifest["label"]))
+    candidates = {"still": dict(base_lr=1e-7, layer_decay=0.55), "moving": dict(base_lr=0.05, layer_decay=None)}
+    for recipe, settings in candidates.items():
+        for seed in (0, 1):
+            result = recipe_search.search_candidate(run, config(recipe=recipe, seed=seed, **settings), unreadable,
+                                                    cache, MEAN, STD, quiet=True)
+            assert result.name.endswith(f"-recipe_{recipe}")
+    assert not test_rows & {r for r in log if isinstance(r, int)}, "a candidate read a test image"
+    folder = run.path / recipe_search.SEARCH_FOLDER
+    for path in folder.glob("*-val.csv"):
+        assert set(pd.read_csv(path)["split"]) == {"val"}
+    for path in folder.glob("*-summary.json"):
+        summary = json.loads(path.read_text())
+        assert summary["splits_read"] == ["train", "val"] and "test" not in json.dumps(summary["selection"])
+    assert not (run.checkpoints / recipe_search.SEARCH_FOLDER).exists() or \
+        not any((run.checkpoints / recipe_search.SEARCH_FOLDER).iterdir())  # no candidate weights are kept
+    assert not (run.path / "predictions").exists() or not any((run.path / "predictions").iterdir())
+
+    paths = recipe_search.write_search_tables(run)
+    table = pd.read_csv(paths["recipe_search"])
+    assert len(pd.read_csv(paths["recipe_search_runs"])) == 4 and len(table) == 2
+    best = table.loc[table["valid_auc_mean"].idxmax()]
+    assert table["chosen"].tolist().count(True) == 1 and bool(best["chosen"])
+    assert "Cost of the search: 4 training runs" in paths["recipe_search_md"].read_text()
+    choice = json.loads(paths["recipe_choice"].read_text())["choices"]
+    assert [c["recipe"] for c in choice] == [best["recipe"]]
+
+    resolved = recipe_search.resolve_recipe(config(recipe=SEARCHED, seed=2), run)
+    assert resolved.recipe == best["recipe"]
+    assert resolved.base_lr == candidates[best["recipe"]]["base_lr"]
+    assert resolved.layer_decay == candidates[best["recipe"]]["layer_decay"] and resolved.seed == 2
+    assert recipe_search.resolve_recipe(config(recipe="mine"), run) == config(recipe="mine")  # a named recipe stays
+
+    log.clear()
+    result = finetune(run, resolved, manifest, cache, MEAN, STD, quiet=True)  # the curve's run reads test, once
+    assert sorted(r for r in log if isinstance(r, int) and r in test_rows) == sorted(test_rows)
+    assert json.loads(result.summary_path.read_text())["config"]["recipe"] == best["recipe"]
+
+
+def test_searched_recipe_is_refused_unresolved_and_without_a_search(tmp_path):
+    run, manifest = Run(tmp_path / "run"), make_manifest()
+    with pytest.raises(FileNotFoundError, match="04a_recipe_search"):
+        recipe_search.resolve_recipe(config(recipe=SEARCHED), run)
+    with pytest.raises(ValueError, match="resolve it first"):
+        finetune(run, config(recipe=SEARCHED), manifest, make_cache(manifest), MEAN, STD, quiet=True)
+    with pytest.raises(ValueError, match="needs a recipe name"):
+        recipe_search.search_candidate(run, config(), manifest, make_cache(manifest), MEAN, STD, quiet=True)
+    with pytest.raises(ValueError, match="recipe must be None or a name"):
+        FinetuneConfig(scenario="random", backbone="densenet121", recipe="lr 1e-3/decay")
+    run.tables.mkdir(parents=True, exist_ok=True)
+    (run.path / recipe_search.CHOICE_FILE).write_text(json.dumps({"choices": [
+        {"scenario": "chest_mae", "backbone": "mobilenetv3", "recipe": "a", "settings": {"base_lr": 0.1}}]}))
+    with pytest.raises(ValueError, match="no recipe for random / mobilenetv3"):
+        recipe_search.resolve_recipe(config(recipe=SEARCHED), run)
+
+
+def _runs(rows: list[tuple]) -> pd.DataFrame:
+    return pd.DataFrame([{"scenario": s, "backbone": "densenet121", "recipe": r, "seed": seed, "label_fraction": 1.0,
+                          "peak_lr": lr, "base_lr": lr * 8, "epochs": 4, "settings_json": json.dumps({"base_lr": lr * 8}),
+                          "chosen_epoch": 1, "valid_auc": auc, "seconds": 10.0, "torch_threads": 1}
+                         for s, r, lr, seed, auc in rows])
+
+
+def test_the_choice_is_per_initialisation_by_mean_over_seeds_and_ties_go_to_the_steadier_recipe():
+    table = recipe_search.search_table(_runs([
+        ("random", "study", 1e-4, 0, 0.60), ("random", "study", 1e-4, 1, 0.62),
+        ("random", "plain", 1e-3, 0, 0.90), ("random", "plain", 1e-3, 1, 0.50),  # mean 0.70: chosen
+        ("chest_mae", "study", 1e-4, 0, 0.80), ("chest_mae", "study", 1e-4, 1, 0.80),  # tie at 0.80, SD 0: chosen
+        ("chest_mae", "plain", 1e-3, 0, 0.70), ("chest_mae", "plain", 1e-3, 1, 0.90)]))
+    chosen = table[table["chosen"]].set_index("scenario")["recipe"].to_dict()
+    assert chosen == {"random": "plain", "chest_mae": "study"}
+    assert table.set_index(["scenario", "recipe"]).loc[("random", "plain"), "valid_auc_per_seed"] == "0.900 0.500"
+    mixed = _runs([("random", "study", 1e-4, 0, 0.6), ("random", "study", 3e-4, 1, 0.6)])
+    with pytest.raises(ValueError, match="different settings"):
+        recipe_search.search_table(mixed)
+
+
+@pytest.mark.skipif(not NIH.is_dir(), reason=f"the NIH subset is not at {NIH} (set OSTEOLIB_DATA_ROOT)")
+def test_label_subsets_of_the_nih_patients_are_nested_patient_level_and_stratified():
+    table = pd.read_csv(NIH / "Data_Entry_2017_v2020_subset.csv")
+    rows = pd.DataFrame({"image_id": table["Image Index"].astype(str), "patient_id": table["Patient ID"].astype(str),
+                         "label": np.where(table["Finding Labels"].str.contains("Pneumonia"), "pneumonia",
+                                           "no_finding")})
+    fractions = (0.05, 0.1, 0.25, 0.5, 1.0)
+    for seed in (0, 1, 2):
+        subsets = [label_fraction_subset(rows, f, seed) for f in fractions]
+        patients = [set(s["patient_id"]) for s in subsets]
+        assert all(a < b for a, b in zip(patients, patients[1:]))  # nested, each strictly larger
+        strata = rows.groupby("patient_id")["label"].agg(lambda s: "|".join(sorted(set(s))))
+        for fraction, subset, kept in zip(fractions, subsets, patients):
+            assert len(subset) == rows["patient_id"].isin(kept).sum()  # whole patients
+            for stratum, members in strata.groupby(strata):  # stratified: each label set keeps its share
+                assert sum(p in kept for p in members.index) == max(1, int(np.floor(fraction * len(members) + 0.5)))
+            assert abs(len(kept) / rows["patient_id"].nunique() - fraction) < 0.01

@@ -37,6 +37,8 @@ from osteolib.evaluation.stats.delong import AUCResult, PairedResult, delong_auc
 from osteolib.evaluation.stats.errors import confident_errors
 from osteolib.evaluation.stats.intervals import BootstrapResult, bootstrap_ci, critical_z, wilson_ci
 from osteolib.evaluation.stats.mcnemar import MCNEMAR_EXACT_BELOW, McNemarResult, mcnemar_paired
+from osteolib.evaluation.stats.label_efficiency import curve_points, efficiency_models, model_table, \
+    pretraining_effects
 from osteolib.evaluation.stats.mixed import FEW_GROUPS, ModelResult, agreement_model, mixed_model
 from osteolib.evaluation.stats.multiple import HolmResult, holm
 from osteolib.evaluation.stats.patient_tables import compare_patients, patient_auc_table
@@ -75,6 +77,10 @@ __all__ = [
     "MCNEMAR_EXACT_BELOW",
     "McNemarResult",
     "mcnemar_paired",
+    "curve_points",
+    "pretraining_effects",
+    "efficiency_models",
+    "model_table",
     "FEW_GROUPS",
     "ModelResult",
     "agreement_model",
