@@ -24,6 +24,8 @@ NOTEBOOK_NEEDS = {
     # trains each candidate recipe from the pretraining checkpoints; its choice (the `recipe_search` step) feeds 04
     "04a_recipe_search": ("00_data_audit", "01_chest_mae", "02_shoulder_mae", "03_rotation_proxy"),
     "04_finetune": ("00_data_audit", "01_chest_mae", "02_shoulder_mae", "03_rotation_proxy", "04a_recipe_search"),
+    # fuses the model 04's results tables chose with the clinical covariates of 00
+    "04b_clinical_fusion": ("00_data_audit", "04_finetune"),
     "05_gradcam_statistics": ("00_data_audit", "04_finetune"),  # and 04's results tables (its `after`)
     # its image encoder may start from any pretraining scenario's checkpoint (its `scenario` parameter)
     "06_image_text": ("00_data_audit", "01_chest_mae", "02_shoulder_mae", "03_rotation_proxy"),

@@ -165,8 +165,8 @@ def audit_summary(df: pd.DataFrame, cache, scan: pd.DataFrame, near_dups: pd.Dat
     ordered = classes is not None or positive_class is not None
     classes = class_order(df["label"], classes, positive_class)[0] if ordered else sorted(df["label"].unique())
     extra_classes = {"positive_class": classes[-1]} if ordered else {}
-    listed = {key: df.attrs[key] for key in ("excluded_files", "empty_class_folders", "masks_without_image")
-              if df.attrs.get(key)}
+    listed = {key: df.attrs[key] for key in ("excluded_files", "empty_class_folders", "masks_without_image",
+                                             "clinical_join") if df.attrs.get(key)}
     return {
         "settings": settings,
         "classes": classes,

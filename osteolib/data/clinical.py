@@ -16,7 +16,7 @@ from typing import Sequence
 import pandas as pd
 
 __all__ = ["ClinicalError", "ClinicalJoin", "read_clinical_table", "join_clinical", "covariate_kind",
-           "describe_covariates"]
+           "describe_covariates", "clinical_columns_of"]
 
 
 class ClinicalError(ValueError):
@@ -105,7 +105,20 @@ def describe_covariates(manifest: pd.DataFrame, columns: Sequence[str]) -> pd.Da
         row = {"covariate": column, "kind": kind, "patients": len(values), "missing": float(values.isna().mean()),
                "summary": summary}
         if "split" in patients.columns:
-            for split, group in patients.groupby("split", sort=False):
-                row[f"missing_{split}"] = float(group[column].isna().mean())
+            splits = patients["split"].astype(str)
+            for split in [s for s in ("train", "val", "test") if (splits == s).any()]:
+                row[f"missing_{split}"] = float(values[splits == split].isna().mean())
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def clinical_columns_of(manifest: pd.DataFrame, requested: Sequence[str] | None = None) -> list[str]:
+    """The clinical covariates of a manifest: ``requested`` (notebook 00's ``clinical_columns``; each must be a
+    column), else the columns a spec's clinical table brought, else none."""
+    if requested is not None:
+        missing = [c for c in requested if c not in manifest.columns]
+        if missing:
+            raise ClinicalError(f"clinical_columns names {missing}, which the manifest does not have (its columns: "
+                                f"{list(manifest.columns)}); join a clinical table in the data-set spec or fix the names")
+        return list(requested)
+    return list((manifest.attrs.get("clinical_join") or {}).get("covariates", []))

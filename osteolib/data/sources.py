@@ -52,6 +52,7 @@ from osteolib.data.manifest import (
 )
 from osteolib.data.builtin import REAL_FOLDERS, SYNTHETIC, hannover, kermany, nih_cxr14
 from osteolib.data.synthetic.datasets import ensure_synthetic
+from osteolib.data.clinical import ClinicalError, join_clinical, read_clinical_table
 from osteolib.paths import real_data_root, require_real_data_root
 
 # ---------------------------------------------------------------------------------------------
@@ -121,7 +122,7 @@ def load_pool(names: Sequence[str], data_root: str | os.PathLike | None = None,
 # ---------------------------------------------------------------------------------------------
 
 SPEC_KINDS = ("folder", "csv")
-_COMMON_SPEC_KEYS = ("kind", "source", "labels", "label_map", "regions", "view")
+_COMMON_SPEC_KEYS = ("kind", "source", "labels", "label_map", "regions", "view", "clinical")
 SPEC_KEYS = {
     "folder": _COMMON_SPEC_KEYS + ("root", "patient_from"),
     "csv": _COMMON_SPEC_KEYS + ("table", "image_dir", "path_column", "label_column", "patient_column",
@@ -355,8 +356,28 @@ def check_dataset_spec(spec: str | dict[str, Any], data_root: str | os.PathLike 
         raise DatasetSpecError(where, f"only one class {class_names}", "the target task needs two or more classes")
     out["classes"] = class_names
     out["regions"] = _check_regions(spec.get("regions"), data_root, f"{where}.regions", keys)
+    out["clinical"] = _check_clinical(spec.get("clinical"), data_root, f"{where}.clinical")
     out["image_files"] = sorted({f for files in keys.values() for f in files})
     return out
+
+
+def _check_clinical(clinical: Any, data_root, where: str) -> dict[str, Any]:
+    """``clinical: {table: FILE, id_column: ..., columns: [...]}``: the patient table exists, its id column and
+    columns are there and each patient has one row (read once here; joined by :func:`load_spec`)."""
+    if clinical is None:
+        return {}
+    if not isinstance(clinical, dict) or "table" not in clinical or "id_column" not in clinical \
+            or set(clinical) - {"table", "id_column", "columns"}:
+        raise DatasetSpecError(where, f"must be {{table: FILE, id_column: COLUMN, columns: [...]}}, got {clinical!r}",
+                               "table: a CSV or Excel file with one row per patient; columns: optional, default all")
+    path = _resolve(clinical["table"], data_root, f"{where}.table", "clinical table (CSV or Excel)")
+    columns = clinical.get("columns")
+    try:
+        table = read_clinical_table(path, str(clinical["id_column"]), columns)
+    except ClinicalError as err:
+        raise DatasetSpecError(where, str(err), "fix the table or the spec") from None
+    return {"table": str(path), "id_column": str(clinical["id_column"]), "columns": list(table.columns),
+            "frame": table}
 
 
 def _read_spec_table(path: Path, where: str, what: str, allow_no_rows: bool = False) -> pd.DataFrame:
@@ -468,6 +489,17 @@ def load_spec(spec: dict[str, Any], data_root: str | os.PathLike | None = None, 
                       f"can land in two splits); set patient_from (a regex on the file name with a group named "
                       f"patient) or patient_column", stacklevel=2)
     out = finish_manifest(df, attrs["excluded"])
+    clinical = spec_info["clinical"]
+    if clinical:  # the patient table, joined by patient; what did not match is counted for the audit
+        joined = join_clinical(out, clinical["frame"])
+        out = joined.manifest
+        attrs["clinical_join"] = {"table": clinical["table"], "covariates": joined.columns,
+                                  "patients_without_row": joined.patients_without_row,
+                                  "rows_without_images": joined.rows_without_images}
+        if joined.patients_without_row:
+            warnings.warn(f"{where}.clinical: {len(joined.patients_without_row)} patient(s) have no row in "
+                          f"{clinical['table']} (e.g. {joined.patients_without_row[:5]}); their covariates are "
+                          f"missing (imputed later from the training split)", stacklevel=2)
     out.attrs = attrs
     return out
 

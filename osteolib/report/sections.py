@@ -23,7 +23,7 @@ from osteolib.runs import Run
 from osteolib.stages.finetune_config import run_name_of
 
 __all__ = ["MissingReportInput", "ReportInputs", "show", "overview", "data_and_flow", "discrimination",
-           "fair_comparison", "calibration", "subgroups", "external_validation", "explanations", "reproducibility",
+           "fair_comparison", "clinical_data", "calibration", "subgroups", "external_validation", "explanations", "reproducibility",
            "checklist"]
 
 Block = Any  # str (Markdown) | pd.DataFrame | Path (a figure)
@@ -148,7 +148,12 @@ def overview(inputs: ReportInputs) -> list[Block]:
     settings = audit.get("settings", {})
     status = inputs.run.status
     status = "running (this report is its last step)" if status == "running" else status
-    lines = [f"**Run** `{inputs.run.path.name}` · profile **{info.get('profile')}** · created {info.get('created')} · "
+    allowed = allowed_label_covariates(inputs)
+    lines = [f"**Warning: the image + clinical models use covariate(s) that measure the label**, kept on purpose by the "
+             f"profile's allow_label_covariates: " + "; ".join(f"`{c['covariate']}` ({c['why']})" for c in allowed)
+             + ". Their results say what the image adds to the diagnosis's own measurement, not how well it "
+               "diagnoses."] if allowed else []
+    lines += [f"**Run** `{inputs.run.path.name}` · profile **{info.get('profile')}** · created {info.get('created')} · "
              f"status **{status}**",
              f"**Data set** {_dataset_name(settings.get('dataset'))} · classes {', '.join(audit.get('classes', []))} "
              f"(positive: **{audit.get('classes', ['?'])[-1]}**)",
@@ -270,6 +275,45 @@ def fair_comparison(inputs: ReportInputs) -> list[Block]:
                            f"{BACKBONE_LABELS.get(b, b)}: {g['method'].iloc[0]} ({g['reason'].iloc[0]})"
                            for b, g in model.groupby("backbone", sort=False)) + ".", model_table(model)]
     return blocks
+
+
+def clinical_data(inputs: ReportInputs) -> list[Block]:
+    """Image + clinical data (notebook 04b): the three models' test AUCs, the paired tests and the odds ratios."""
+    if not inputs.ran("04b"):
+        return ["Notebook 04b (image + clinical data) is not part of this run's profile: no clinical covariates were "
+                "used."]
+    stage = "04b_clinical_fusion"
+    info = json.loads(inputs.text("tables/04b_fusion.json", stage))
+    aucs = inputs.table("tables/04b_fusion_auc.csv", stage)
+    tests = inputs.table("tables/04b_fusion_tests.csv", stage)
+    odds = inputs.table("tables/04b_odds_ratios.csv", stage)
+    blocks: list[Block] = [
+        f"Covariates {', '.join(f'`{c}`' for c in info['covariates'])} beside the image model `{info['image_run']}`. "
+        "The clinical model was fitted on the training split, the fusion of the image model's logit with the "
+        "covariates on the validation split (the image model's training logits are overconfident); missing values "
+        "imputed from the training split with missingness indicators; the test split read once, afterwards. AUC "
+        "with DeLong 95 % intervals:",
+        pd.DataFrame({"model": aucs["model"], "fitted on": aucs["fitted_on"], "n": aucs["n"],
+                      "test AUC [95 % CI]": [_ci(a, lo, hi) for a, lo, hi in
+                                             zip(aucs["auc"], aucs["ci_low"], aucs["ci_high"])]}),
+        "**Paired DeLong tests** of the fused model:",
+        pd.DataFrame({"comparison": [f"{r.model} vs {r.versus}" for r in tests.itertuples()],
+                      "AUC": [f"{r.auc:.3f} vs {r.auc_versus:.3f}" for r in tests.itertuples()],
+                      "difference [95 % CI]": [_ci(r.difference, r.ci_low, r.ci_high) for r in tests.itertuples()],
+                      "p": tests["p_value"].map(_p)}),
+        inputs.path("figures/04b_fusion_roc.png", stage),
+        "**Odds ratios** of the clinical model (per SD for a numeric covariate; unpenalised fit on the training "
+        "split, Wald 95 % intervals):",
+        pd.DataFrame({"term": odds["term"], "odds ratio [95 % CI]": [
+            _ci(o, lo, hi, digits=2) for o, lo, hi in zip(odds["odds_ratio"], odds["ci_low"], odds["ci_high"])],
+            "p": odds["p_value"].map(_p)})]
+    return blocks
+
+
+def allowed_label_covariates(inputs: ReportInputs) -> list[dict[str, Any]]:
+    """Covariates the fusion's guard would have stopped but the profile allowed (they lead the report)."""
+    found = inputs.optional("tables/04b_fusion.json")
+    return json.loads(found.read_text()).get("allowed_label_covariates", []) if found is not None else []
 
 
 def recipe_table(table: pd.DataFrame) -> pd.DataFrame:

@@ -234,7 +234,9 @@ def clinical_fusion(manifest: pd.DataFrame, image_predictions: pd.DataFrame, con
     for other in ("image", "clinical"):
         paired = delong_paired(y_test, scores["image+clinical"], scores[other])
         comparisons.append({"model": "image+clinical", "versus": other, "auc": paired.auc_a, "auc_versus": paired.auc_b,
-                            "difference": paired.diff, "ci_low": paired.ci_low, "ci_high": paired.ci_high,
+                            # a difference of AUCs lies in [-1, 1]; the normal interval is clipped there
+                            "difference": paired.diff, "ci_low": max(paired.ci_low, -1.0),
+                            "ci_high": min(paired.ci_high, 1.0),
                             "p_value": paired.p_value})
     test_scores = pd.DataFrame({"image_id": test["image_id"].astype(str).to_numpy(),
                                 "patient_id": test_rows["patient_id"].astype(str).to_numpy(), "target": y_test,
@@ -244,3 +246,48 @@ def clinical_fusion(manifest: pd.DataFrame, image_predictions: pd.DataFrame, con
     return FusionResult(aucs=pd.DataFrame(aucs), comparisons=pd.DataFrame(comparisons),
                         odds_ratios=_odds_ratios(X_train, y_train, names), test_scores=test_scores,
                         allowed_label_covariates=allowed, coefficients=coefficients)
+
+
+# --------------------------------------------------------------------------------------------
+# The run's files
+
+
+def write_fusion_outputs(run: Any, result: FusionResult, image_run: str, config: FusionConfig) -> dict[str, Any]:
+    """``tables/04b_fusion_auc.csv`` (the three models' test AUCs with DeLong CIs), ``tables/04b_fusion_tests.csv``
+    (paired DeLong: image + clinical vs image, vs clinical), ``tables/04b_odds_ratios.csv``,
+    ``tables/04b_fusion_scores.csv`` (per test image), ``tables/04b_fusion.json`` (what was fused, on which split,
+    and any label covariate the profile allowed) and ``figures/04b_fusion_roc.png|pdf``."""
+    import json
+
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    from osteolib.plotting import save_figure
+
+    tables, paths = run.tables, {}
+    for stem, table in (("04b_fusion_auc", result.aucs), ("04b_fusion_tests", result.comparisons),
+                        ("04b_odds_ratios", result.odds_ratios), ("04b_fusion_scores", result.test_scores)):
+        paths[stem] = tables / f"{stem}.csv"
+        table.to_csv(paths[stem], index=False)
+    paths["04b_fusion"] = tables / "04b_fusion.json"
+    paths["04b_fusion"].write_text(json.dumps({
+        "image_run": image_run, "covariates": list(config.covariates), "C": config.C, "leak_auc": config.leak_auc,
+        "fitted_on": {"clinical": "train", "image+clinical": result.fusion_fitted_on},
+        "allowed_label_covariates": result.allowed_label_covariates, "coefficients": result.coefficients}, indent=1,
+        default=float))
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=0.8)
+    for row in result.aucs.itertuples():
+        fpr, tpr, _ = roc_curve(result.test_scores["target"], result.test_scores[f"prob_{row.model}"])
+        ax.plot(fpr, tpr, linewidth=1.4, label=f"{row.model}: {row.auc:.3f} [{row.ci_low:.3f}, {row.ci_high:.3f}]")
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title(f"test · image model {image_run}", fontsize=8)
+    ax.set_aspect("equal")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    for path in save_figure(fig, run.figures, "04b_fusion_roc"):
+        paths[f"04b_fusion_roc_{path.suffix[1:]}"] = path
+    plt.close(fig)
+    return paths

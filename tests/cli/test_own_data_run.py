@@ -95,7 +95,8 @@ FINETUNE_STEP = f"""\
     after: results_tables
 """
 # the label-table run searches each initialisation's recipe on validation, then trains the chosen one on half and
-# all of the training patients (issue 21's profile step, at toy scale)
+# all of the training patients (issue 21's profile step, at toy scale), and fuses the chosen model with the table's
+# age and sex (issue 18)
 SEARCH_AND_CURVE = f"""\
   - notebook: 04a_recipe_search
     parameters: {{{TRAINING}, backbone: densenet121, layer_decay: null, randaug_magnitude: null}}
@@ -111,6 +112,8 @@ SEARCH_AND_CURVE = f"""\
       scenario: [random, chest_mae+rotation]
       label_fraction: [0.5, 1.0]
     after: results_tables
+  - notebook: 04b_clinical_fusion
+    parameters: {{covariates: [age, sex]}}
 """
 
 
@@ -235,6 +238,9 @@ def test_the_same_images_from_a_label_table(grouped_run, table_run):
     effects = pd.read_csv(run / "tables" / "label_efficiency_effects.csv")
     assert sorted(effects["label_fraction"]) == [0.5, 1.0] and effects["p_holm"].between(0, 1).all()
     assert (run / "figures" / "label_efficiency.png").is_file()
+    fusion = pd.read_csv(run / "tables" / "04b_fusion_auc.csv")
+    assert fusion["model"].tolist() == ["clinical", "image", "image+clinical"] and fusion["auc"].between(0, 1).all()
+    assert set(pd.read_csv(run / "tables" / "04b_odds_ratios.csv")["term"]) >= {"age", "sex_M"}
     texts = pd.read_csv(run / "tables" / "06_pairs.csv")
     assert texts["text"].str.endswith(("density, intact cortex.", "thin cortex.")).all()  # the reports, not rules
 
@@ -291,16 +297,16 @@ def test_the_report_opens_in_a_browser_with_every_figure_and_prints_to_pages(tab
     # every figure the sections point at is in the page, and loaded
     inputs = sections.ReportInputs(Run(run))
     figures = [b for f in (sections.overview, sections.data_and_flow, sections.discrimination,
-                           sections.fair_comparison, sections.calibration,
+                           sections.fair_comparison, sections.clinical_data, sections.calibration,
                            sections.subgroups, sections.external_validation, sections.explanations,
                            sections.reproducibility, sections.checklist) for b in f(inputs) if isinstance(b, Path)]
     assert len(seen["images"]) == len(figures), (seen["images"], figures)
     stems = {f.stem for f in figures}
     assert {"00_flow", "roc_test", "roc_external", "05_gradcam_overlays", "05_confident_errors",
-            "label_efficiency"} <= stems, stems
+            "label_efficiency", "04b_fusion_roc"} <= stems, stems
     assert any(s.endswith("_reliability") for s in stems), stems
     assert all(complete and width > 50 and height > 50 for complete, width, height in seen["images"])
-    assert [h.split(" · ")[0].strip() for h in seen["headings"]] == [str(k) for k in range(1, 10)], seen["headings"]
+    assert [h.split(" · ")[0].strip() for h in seen["headings"]] == [str(k) for k in range(1, 11)], seen["headings"]
     # numbers come from the run's tables: Table 1, the external set, the subgroups by sex / age band / site
     table1 = pd.read_csv(run / "tables" / "table1.csv")
     assert all(value in seen["text"] for value in table1.iloc[:, -1].astype(str)), table1

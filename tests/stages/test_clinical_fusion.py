@@ -111,3 +111,54 @@ def test_the_clinical_table_joins_by_patient_and_counts_what_does_not_match(tmp_
         read_clinical_table(path, "patient")
     with pytest.raises(ClinicalError, match="no column 'id'"):
         read_clinical_table(path, "id")
+
+
+def generated(signal: float, n: int = 800) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Patients with the synthetic shoulder generator's covariates (its own draw, without rendering the images;
+    the split in the study's ratios) and an image model of fixed skill standing in for notebook 04's (its
+    probabilities drawn from the label)."""
+    from osteolib.data.synthetic.datasets import CLINICAL_STREAM, child_rng
+    from osteolib.data.synthetic.shoulder import draw_clinical_covariates
+
+    labels = ["normal", POSITIVE] * (n // 2)
+    split = ["train"] * int(0.77 * n) + ["val"] * int(0.11 * n)
+    split += ["test"] * (n - len(split))
+    manifest = pd.DataFrame([{"image_id": f"img{k}", "patient_id": f"p{k}", "label": labels[k], "split": split[k],
+                              **draw_clinical_covariates(child_rng(3, k, CLINICAL_STREAM), labels[k], signal)}
+                             for k in range(n)])
+    rng = np.random.default_rng(4)
+    y = (manifest["label"] == POSITIVE).to_numpy(dtype=int)
+    prob = 1 / (1 + np.exp(-(0.7 * (2 * y - 1) + rng.normal(0, 1.0, len(y)))))
+    rows = manifest["split"] != "train"
+    predictions = pd.DataFrame({"image_id": manifest.loc[rows, "image_id"], "split": manifest.loc[rows, "split"],
+                                "label": manifest.loc[rows, "label"], f"prob_{POSITIVE}": prob[rows],
+                                "prob_normal": 1 - prob[rows]})
+    return manifest, predictions
+
+
+def test_the_generators_covariates_join_its_manifest_and_leave_its_images_unchanged(tmp_path):
+    from PIL import Image
+
+    from osteolib.data.synthetic.datasets import write_shoulder_dataset
+
+    with_covariates = pd.read_csv(write_shoulder_dataset(tmp_path / "a", n_patients=6, size=32, clinical_signal=1.0,
+                                                         workers=1))
+    without = pd.read_csv(write_shoulder_dataset(tmp_path / "b", n_patients=6, size=32, workers=1))
+    assert {"age", "sex", "bmi", "t_score"} <= set(with_covariates.columns) and "age" not in without.columns
+    assert (with_covariates.groupby("patient_id")["age"].nunique() == 1).all()  # one value per patient
+    for a, b in zip(with_covariates["image_id"], without["image_id"]):  # the same pixels, file for file
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "a" / "images" / f"{a}.png")),
+                              np.asarray(Image.open(tmp_path / "b" / "images" / f"{b}.png")))
+
+
+def test_the_generators_patients_carry_the_truth_the_fusion_and_the_guard_are_tested_on():
+    manifest, predictions = generated(1.0)
+    result = clinical_fusion(manifest, predictions, FusionConfig(COVARIATES), POSITIVE)
+    versus = result.comparisons.set_index("versus").loc["image"]
+    assert versus["difference"] > 0 and versus["p_value"] < 0.05  # the covariates carry signal: fusion wins
+    with pytest.raises(LabelCovariateError, match="t_score"):
+        clinical_fusion(manifest, predictions, FusionConfig([*COVARIATES, "t_score"]), POSITIVE)
+    manifest, predictions = generated(0.0)
+    result = clinical_fusion(manifest, predictions, FusionConfig(COVARIATES), POSITIVE)
+    tie = result.comparisons.set_index("versus").loc["image"]
+    assert tie["p_value"] > 0.05 and tie["ci_low"] < 0 < tie["ci_high"]  # no signal: a tie

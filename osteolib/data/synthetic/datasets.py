@@ -38,9 +38,12 @@ from osteolib.data.synthetic.settings import (
     ShoulderSettings,
     as_int,
 )
-from osteolib.data.synthetic.shoulder import class_means, draw_shoulder_patient, shoulder_radiograph
+from osteolib.data.synthetic.shoulder import (class_means, draw_clinical_covariates, draw_shoulder_patient,
+                                              shoulder_radiograph)
 from osteolib.paths import synthetic_dir
 from osteolib.utils import write_json
+
+CLINICAL_STREAM = 7919  # the child-seed key of a patient's clinical covariates (apart from its images' streams)
 
 
 def child_rng(seed: int, *key: int) -> np.random.Generator:
@@ -141,6 +144,8 @@ def _shoulder_job(out_dir: str, settings: ShoulderSettings, k: int, label: str, 
     patient = draw_shoulder_patient(rng, label, settings.difficulty, settings.classes)
     views = ["AP", "Y"] if rng.random() < 0.5 else ["AP"]
     marker = patient.marker_draw < marker_probability(split, label, settings.classes, settings.confounder)
+    clinical = {} if settings.clinical_signal is None else draw_clinical_covariates(
+        child_rng(settings.seed, k, CLINICAL_STREAM), label, settings.clinical_signal, settings.classes)
     out = []
     for j, view in enumerate(views):
         sample = shoulder_radiograph(child_rng(settings.seed, k, j), settings.size, view=view, marker=marker,
@@ -155,7 +160,7 @@ def _shoulder_job(out_dir: str, settings: ShoulderSettings, k: int, label: str, 
                "patient_id": f"shoulder-{site}p{k:05d}", "view": view,
                "source": f"{SHOULDER_SOURCE}-{settings.site}" if settings.site else SHOULDER_SOURCE, "split": split,
                "width": settings.size, "height": settings.size, "boxes": [sample.box],
-               "mask_path": str(mask_path.resolve()), "side": patient.side, "marker": sample.marker}
+               "mask_path": str(mask_path.resolve()), "side": patient.side, "marker": sample.marker, **clinical}
         out.append((row, {"image_id": image_id, "patient_id": row["patient_id"], "split": split,
                           **sample.parameters()}))
     return out
@@ -191,16 +196,19 @@ def write_chest_dataset(out_dir: str | os.PathLike, n_images: int = 600, seed: i
 def write_shoulder_dataset(out_dir: str | os.PathLike, n_patients: int = 270, seed: int = 0, size: int = 256,
                            difficulty: float = 0.5, confounder: float = 0.0,
                            classes: Sequence[str] = DEFAULT_CLASSES,
-                           ratios: Sequence[float] = DEFAULT_RATIOS, site: str = "", workers: int | None = None) -> Path:
+                           ratios: Sequence[float] = DEFAULT_RATIOS, site: str = "", clinical_signal: float | None = None,
+                           workers: int | None = None) -> Path:
     """Write shoulder-like radiographs (1-2 views per patient) with evidence masks; return manifest.csv's path.
 
     Writes ``images/<image_id>.png``, ``masks/<image_id>.png`` (0/255), ``manifest.csv`` (split
     column filled, boxes and mask_path set, extra columns ``side`` and ``marker``), ``parameters.csv``
-    (per-image generating parameters) and ``generator.json`` (settings and counts).
+    (per-image generating parameters) and ``generator.json`` (settings and counts). With ``clinical_signal`` the
+    manifest gains each patient's ``age``, ``sex``, ``bmi`` and ``t_score`` (:func:`draw_clinical_covariates`).
     ``workers`` (processes; None = all cores for big jobs) never changes the result.
     """
     settings = ShoulderSettings(n_patients=n_patients, seed=seed, size=size, difficulty=difficulty,
-                                confounder=confounder, classes=tuple(classes), ratios=tuple(ratios), site=site)
+                                confounder=confounder, classes=tuple(classes), ratios=tuple(ratios), site=site,
+                                clinical_signal=clinical_signal)
     workers = _resolve_workers(workers, settings.n_patients)
     out_dir = Path(out_dir)
     for folder in ("images", "masks"):
@@ -240,6 +248,8 @@ def _settings_payload(settings: ChestSettings | ShoulderSettings) -> dict[str, A
     payload = asdict(settings)
     if payload.get("site") == "":
         del payload["site"]  # the default site keeps the folder names (hashes) data sets had before sites existed
+    if payload.get("clinical_signal", 0) is None:
+        del payload["clinical_signal"]  # likewise for data sets without clinical columns
     return {k: list(v) if isinstance(v, tuple) else v for k, v in payload.items()}
 
 

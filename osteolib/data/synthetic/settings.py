@@ -99,9 +99,14 @@ class ShoulderSettings:
     # another hospital: its name goes into the source ("synthetic-shoulder-<site>") and the patient ids, so a second
     # synthetic set can serve as an external test set (empty: the default site, ids as before)
     site: str = ""
+    # None: no clinical columns; a share in [0, 1]: each patient gets age, sex and BMI whose association with the
+    # label grows with it (0: none), and a T-score that defines the label (the leakage guard's test case)
+    clinical_signal: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "seed", as_int("seed", self.seed, 0))
+        if self.clinical_signal is not None:
+            object.__setattr__(self, "clinical_signal", as_unit("clinical_signal", self.clinical_signal))
         object.__setattr__(self, "size", as_int("size", self.size, MIN_SIZE))
         if not isinstance(self.site, str) or not re.fullmatch(r"[A-Za-z0-9_]*", self.site):
             raise ValueError(f"site must be letters, digits or '_' (it becomes part of file and patient names); "

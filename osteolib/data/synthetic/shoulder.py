@@ -86,6 +86,21 @@ def draw_shoulder_patient(rng: np.random.Generator, label: str, difficulty: floa
     )
 
 
+def draw_clinical_covariates(rng: np.random.Generator, label: str, signal: float,
+                             classes: Sequence[str] = DEFAULT_CLASSES) -> dict[str, Any]:
+    """A patient's age, sex and BMI, associated with the class by ``signal`` (0: independent of it; 1: older, more
+    often female, leaner with each class step towards the last), and a T-score that defines the class (DXA's
+    convention: the last class below -2.5). Drawn from their own generator, so the images do not change."""
+    classes = as_classes(classes)
+    position = float(np.linspace(-0.5, 0.5, len(classes))[classes.index(label)])  # healthy -0.5 ... last +0.5
+    age, female, bmi, t = rng.standard_normal(), rng.random(), rng.standard_normal(), rng.standard_normal()
+    t_centres = np.linspace(-0.5, -3.2, len(classes))
+    return {"age": int(np.clip(round(66 + 16 * signal * position + 8 * age), 40, 95)),
+            "sex": "F" if female < 0.5 + 0.5 * signal * position else "M",
+            "bmi": round(float(np.clip(26 - 5 * signal * position + 3.5 * bmi, 15, 45)), 1),
+            "t_score": round(float(t_centres[classes.index(label)] + 0.35 * t), 2)}
+
+
 @dataclass
 class ShoulderSample:
     """One synthetic shoulder radiograph with its ground truth.
