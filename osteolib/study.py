@@ -26,7 +26,9 @@ NOTEBOOK_NEEDS = {
     "04_finetune": ("00_data_audit", "01_chest_mae", "02_shoulder_mae", "03_rotation_proxy", "04a_recipe_search"),
     # fuses the model 04's results tables chose with the clinical covariates of 00
     "04b_clinical_fusion": ("00_data_audit", "04_finetune"),
-    "05_gradcam_statistics": ("00_data_audit", "04_finetune"),  # and 04's results tables (its `after`)
+    # and 04b: it reads nothing of 04b's, but 04b is seconds of work, and a wave of both would pin 05 (minutes) to
+    # half of the cores
+    "05_gradcam_statistics": ("00_data_audit", "04_finetune", "04b_clinical_fusion"),  # and 04's results tables (its `after`)
     # its image encoder may start from any pretraining scenario's checkpoint (its `scenario` parameter)
     "06_image_text": ("00_data_audit", "01_chest_mae", "02_shoulder_mae", "03_rotation_proxy"),
 }
@@ -34,3 +36,12 @@ NOTEBOOK_NEEDS = {
 WRITTEN_BY = {"chest_mae": "01_chest_mae", "chest_mae+target_mae_random": "02_shoulder_mae (crop_mode='random')",
               "chest_mae+target_mae_center": "02_shoulder_mae (crop_mode='center')",
               "chest_mae+rotation": "03_rotation_proxy"}
+
+
+def notebook_matches(name: str, prefix: str) -> bool:
+    """Whether notebook ``name`` is the one ``prefix`` means: the name itself, its number ("04" is 04_finetune, not
+    04a_recipe_search, whose number is "04a"), or else a longer prefix of the name ("04_fine", "05_grad")."""
+    number = name.split("_", 1)[0]
+    if prefix == name or prefix == number:
+        return True
+    return len(prefix) > len(number) and name.startswith(prefix)

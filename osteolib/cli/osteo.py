@@ -67,6 +67,7 @@ from osteolib.cli.jobs import (MAX_AUTO_JOBS, RunFailed, Slot, execute_pinned, p
                                step_slots)
 from osteolib.cli.memory import PeakMemory
 from osteolib.cli.schedule import steps_of, waves_of
+from osteolib.study import notebook_matches
 from osteolib.cli.profiles import (NOTEBOOKS_DIR, Execution, Profile, ProfileError, check_profile, check_values,
                                    load_profile, parameters_for, resolve_paths)
 
@@ -158,7 +159,7 @@ def select(profile: Profile, only: Sequence[str] | None = None, start: str | Non
     names = profile.notebooks
 
     def match(prefix: str) -> str:
-        hits = [n for n in names if n == prefix or n.startswith(prefix)]
+        hits = [n for n in names if notebook_matches(n, prefix)]
         if len(hits) != 1:
             raise ProfileError(f"{prefix!r} matches {hits or 'no'} notebook(s) of profile {profile.name}: "
                                f"choose one of {names}")

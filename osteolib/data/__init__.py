@@ -80,6 +80,7 @@ from osteolib.data.builtin import (
     build_manifest,
     read_bracketed_csv,
 )
+from osteolib.data import clinical  # used as a namespace: clinical.describe_covariates(...)
 from osteolib.data import sources
 from osteolib.data.sources import (
     known_datasets,

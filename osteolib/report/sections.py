@@ -21,6 +21,7 @@ from osteolib.report.checklist import ITEMS, checklist_table
 from osteolib.report.results import BACKBONE_LABELS, SCENARIO_LABELS
 from osteolib.runs import Run
 from osteolib.stages.finetune_config import run_name_of
+from osteolib.study import notebook_matches
 
 __all__ = ["MissingReportInput", "ReportInputs", "show", "overview", "data_and_flow", "discrimination",
            "fair_comparison", "clinical_data", "calibration", "subgroups", "external_validation", "explanations", "reproducibility",
@@ -58,7 +59,7 @@ class ReportInputs:
         """Whether the run's plan holds notebook ``notebook`` (a name or number prefix, e.g. "05"). A folder without
         a plan (notebooks stepped through in JupyterLab) counts a notebook as run when its first output is there."""
         if self.notebooks:
-            return any(name.startswith(notebook) for name in self.notebooks)
+            return any(notebook_matches(name, notebook) for name in self.notebooks)
         marker = {"00": "data/audit.json", "04": "predictions", "05": "tables/05_auc_per_run.csv"}.get(notebook[:2])
         found = self.optional(marker) if marker else None
         return found is not None and (found.is_file() or any(found.glob("*.csv")))

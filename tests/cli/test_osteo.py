@@ -289,10 +289,12 @@ def test_run_profile_with_jobs_runs_waves_in_order_and_collects_after_all_cells(
     assert notebooks.index("06_image_text") < notebooks.index("after")  # beside 04's cells, before their tables
     # the collection after all 04 cells and before 05, which reads its tables
     after_at = notebooks.index("after")
-    assert all(n != "04_finetune" for n in notebooks[after_at:]) and notebooks[after_at + 1] == "05_gradcam_statistics"
+    assert all(n != "04_finetune" for n in notebooks[after_at:]) and notebooks[after_at + 1] == "04b_clinical_fusion"
+    assert notebooks[after_at + 2] == "05_gradcam_statistics"  # alone, on every core (04b is seconds of work)
     assert notebooks[-1] == profile.notebooks[-1]  # the report notebook waits for every other one
     wave_cores = {e[2].cores for e in events if e[0] in ("03_rotation_proxy", "04_finetune", "06_image_text")}
-    single_cores = {e[2].cores for e in events if e[0] in ("05_gradcam_statistics", "07_report")}
+    single_cores = {e[2].cores for e in events if e[0] in ("04b_clinical_fusion", "05_gradcam_statistics",
+                                                            "07_report")}
     assert wave_cores == {(0, 1), (2, 3)} and single_cores == {(0, 1, 2, 3)}  # a one-notebook wave on every core
     info = json.loads((run.path / "run.json").read_text())
     assert info["status"] == "complete"

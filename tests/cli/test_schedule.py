@@ -16,7 +16,8 @@ def test_the_smoke_plan_runs_03_beside_02_and_06_beside_04():
     waves = waves_of(steps_of(select(load_profile("smoke"))))
     # 06 may start its image encoder from any pretraining checkpoint (its `scenario`), so it waits for 01-03
     assert notebooks_of(waves) == [["00_data_audit"], ["01_chest_mae"], ["02_shoulder_mae", "03_rotation_proxy"],
-                                   ["04_finetune", "06_image_text"], ["05_gradcam_statistics"], ["07_report"]]
+                                   ["04_finetune", "06_image_text"], ["04b_clinical_fusion"],
+                                   ["05_gradcam_statistics"], ["07_report"]]
     # the two consecutive 04 entries stay one step, in the profile's order (ViT-S cells first)
     assert [e.parameters["backbone"] for e in waves[3] if e.notebook == "04_finetune"] == \
         ["vit_small"] * 2 + ["densenet121"] * 4
@@ -38,3 +39,13 @@ def test_needs_outside_the_plan_are_met_and_a_repeated_notebook_never_starts_ear
     plan = [Cell("a", 0), Cell("b", 1), Cell("c", 2), Cell("b", 3)]
     waves = waves_of(steps_of(plan), needs)
     assert [[e.name for e in w] for w in waves] == [[0], [1, 2], [3]]
+
+
+def test_a_notebook_number_names_that_notebook_and_not_its_lettered_neighbours():
+    from osteolib.study import notebook_matches
+
+    assert notebook_matches("04_finetune", "04") and not notebook_matches("04a_recipe_search", "04")
+    assert notebook_matches("04a_recipe_search", "04a") and notebook_matches("04b_clinical_fusion", "04b_clin")
+    assert notebook_matches("05_gradcam_statistics", "05_gradcam_statistics")
+    assert [e.notebook for e in select(load_profile("smoke"), only=["04b"])] == ["04b_clinical_fusion"]
+    assert {e.notebook for e in select(load_profile("label_efficiency"), only=["04"])} == {"04_finetune"}
