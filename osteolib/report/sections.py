@@ -290,8 +290,8 @@ def clinical_data(inputs: ReportInputs) -> list[Block]:
     odds = inputs.table("tables/04b_odds_ratios.csv", stage)
     blocks: list[Block] = [
         f"Covariates {', '.join(f'`{c}`' for c in info['covariates'])} beside the image model `{info['image_run']}`. "
-        "The clinical model was fitted on the training split, the fusion of the image model's logit with the "
-        "covariates on the validation split (the image model's training logits are overconfident); missing values "
+        "The clinical model was fitted on the training split; the fusion, weighing the image model's logit and "
+        "the clinical model's, on the validation split (the image model's training logits are overconfident); missing values "
         "imputed from the training split with missingness indicators; the test split read once, afterwards. AUC "
         "with DeLong 95 % intervals:",
         pd.DataFrame({"model": aucs["model"], "fitted on": aucs["fitted_on"], "n": aucs["n"],

@@ -2,10 +2,11 @@
 
 * **clinical only**: an L2-regularised logistic regression on the covariates, fitted on the *training* split;
 * **image only**: the fine-tuned model's probability (notebook 04's predictions of the selected run);
-* **image + clinical**: late fusion, a logistic regression on the image model's logit and the covariates, fitted on
-  the *validation* split. The image model was trained on the training split, so its logits there are overconfident
-  and a fusion fitted on them would learn to trust the image too much; on validation the logits are honest.
-  (Out-of-fold training logits would need k more fine-tunings.)
+* **image + clinical**: late fusion, a logistic regression on two scores -- the image model's logit and the clinical
+  model's -- fitted on the *validation* split. The image model was trained on the training split, so its logits there
+  are overconfident and a fusion fitted on them would learn to trust the image too much; on validation they are
+  honest. Validation sets are small, so the fusion learns only two weights and an intercept there; the covariates'
+  own effects come from the training split (out-of-fold training logits would need k more fine-tunings).
 
 Missing values are imputed from the training split only (median / a "missing" level) with a missingness indicator;
 numeric covariates are standardised with the training split's mean and SD, so an odds ratio is per SD. Only after
@@ -214,7 +215,9 @@ def clinical_fusion(manifest: pd.DataFrame, image_predictions: pd.DataFrame, con
     val = image_predictions[image_predictions["split"] == "val"]
     val_rows = covariates_of.loc[val["image_id"].astype(str)]
     y_val = (val["label"].astype(str) == positive).to_numpy(dtype=int)
-    X_val = np.column_stack([_logit(val[column].to_numpy()), _transform(design, val_rows)])
+    # the fusion weighs two scores, the image model's logit and the clinical model's: the covariates' effects come
+    # from the (larger) training split, and the validation split only has to learn two weights and an intercept
+    X_val = np.column_stack([_logit(val[column].to_numpy()), clinical.decision_function(_transform(design, val_rows))])
     fusion = LogisticRegression(C=config.C, max_iter=2000).fit(X_val, y_val)
     # both models are fixed: only now are the test rows taken
     test = image_predictions[image_predictions["split"] == "test"]
@@ -222,7 +225,8 @@ def clinical_fusion(manifest: pd.DataFrame, image_predictions: pd.DataFrame, con
     y_test = (test["label"].astype(str) == positive).to_numpy(dtype=int)
     X_test = _transform(design, test_rows)
     scores = {"clinical": clinical.predict_proba(X_test)[:, 1], "image": test[column].to_numpy(dtype=float),
-              "image+clinical": fusion.predict_proba(np.column_stack([_logit(test[column].to_numpy()), X_test]))[:, 1]}
+              "image+clinical": fusion.predict_proba(np.column_stack([_logit(test[column].to_numpy()),
+                                                                      clinical.decision_function(X_test)]))[:, 1]}
 
     aucs = []
     for model in MODELS:
@@ -242,7 +246,9 @@ def clinical_fusion(manifest: pd.DataFrame, image_predictions: pd.DataFrame, con
                                 "patient_id": test_rows["patient_id"].astype(str).to_numpy(), "target": y_test,
                                 **{f"prob_{m}": s for m, s in scores.items()}})
     coefficients = {"clinical": dict(zip(names, clinical.coef_[0].tolist())),
-                    "image+clinical": dict(zip(["image_logit", *names], fusion.coef_[0].tolist()))}
+                    "image+clinical": {"image_logit": float(fusion.coef_[0][0]),
+                                       "clinical_logit": float(fusion.coef_[0][1]),
+                                       "intercept": float(fusion.intercept_[0])}}
     return FusionResult(aucs=pd.DataFrame(aucs), comparisons=pd.DataFrame(comparisons),
                         odds_ratios=_odds_ratios(X_train, y_train, names), test_scores=test_scores,
                         allowed_label_covariates=allowed, coefficients=coefficients)
