@@ -291,9 +291,9 @@ def clinical_data(inputs: ReportInputs) -> list[Block]:
     blocks: list[Block] = [
         f"Covariates {', '.join(f'`{c}`' for c in info['covariates'])} beside the image model `{info['image_run']}`. "
         "The clinical model was fitted on the training split; the fusion, weighing the image model's logit and "
-        "the clinical model's, on the validation split (the image model's training logits are overconfident); missing values "
-        "imputed from the training split with missingness indicators; the test split read once, afterwards. AUC "
-        "with DeLong 95 % intervals:",
+        "the clinical model's, on the validation split (the image model's training logits are overconfident); "
+        "missing values imputed from the training split with missingness indicators; the test split read once, "
+        "afterwards. AUC with DeLong 95 % intervals:",
         pd.DataFrame({"model": aucs["model"], "fitted on": aucs["fitted_on"], "n": aucs["n"],
                       "test AUC [95 % CI]": [_ci(a, lo, hi) for a, lo, hi in
                                              zip(aucs["auc"], aucs["ci_low"], aucs["ci_high"])]}),
