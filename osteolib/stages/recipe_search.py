@@ -31,8 +31,8 @@ from osteolib.utils import cpu_model
 from osteolib.stages.finetune import images_per_s, train_and_select
 from osteolib.stages.finetune_config import RECIPE_FIELDS, SEARCHED, FinetuneConfig, run_name
 
-__all__ = ["SearchResult", "search_name", "search_candidate", "search_runs", "search_table", "write_search_tables",
-           "read_choice", "resolve_recipe", "CHOICE_FILE", "SEARCH_FOLDER"]
+__all__ = ["SearchResult", "search_name", "search_candidate", "recipe_settings", "search_runs", "search_table",
+           "write_search_tables", "read_choice", "resolve_recipe", "CHOICE_FILE", "SEARCH_FOLDER"]
 
 SEARCH_FOLDER = "recipe_search"  # in the run folder: one summary, history and validation table per candidate run
 CHOICE_FILE = "tables/recipe_choice.json"
@@ -60,7 +60,7 @@ def search_name(config: FinetuneConfig) -> str:
 def _check_candidate(config: FinetuneConfig) -> None:
     if config.recipe is None or config.recipe == SEARCHED:
         raise ValueError(f"a recipe-search candidate needs a recipe name (the profile's `recipe` of the candidate, "
-                         f"e.g. study or plain_lr2.5e-3), got recipe={config.recipe!r}")
+                         f"e.g. study or plain_low), got recipe={config.recipe!r}")
 
 
 def search_candidate(run: Run, config: FinetuneConfig, manifest: pd.DataFrame, cache: Any, mean: float, std: float,
