@@ -62,7 +62,9 @@ class FusionConfig:
         self.allow_label_covariates = [str(c) for c in self.allow_label_covariates]
         problems = []
         if not self.covariates:
-            problems.append("covariates is empty: name the clinical columns to use (e.g. [age, sex, bmi])")
+            problems.append("covariates is empty: name the clinical columns to use (e.g. [age, sex, bmi]), or set "
+                            "notebook 00's clinical_columns (the synthetic shoulder set has age, sex and bmi with "
+                            "dataset_options clinical_signal)")
         unknown = sorted(set(self.allow_label_covariates) - set(self.covariates))
         if unknown:
             problems.append(f"allow_label_covariates names {unknown}, which are not in covariates")
