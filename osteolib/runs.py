@@ -125,6 +125,17 @@ class Run:
             f"run that one first (e.g. `osteo run --profile <name>` or `--from` an earlier step)."
         )
 
+    def find_all(self, pattern: str) -> list[Path]:
+        """Files matching the glob ``pattern`` in this run and its parent chain, one per file name (the nearest
+        run's): this run's first, each folder's sorted by name."""
+        found: dict[str, Path] = {}
+        run: Run | None = self
+        while run is not None:
+            for path in sorted(run.path.glob(pattern)):
+                found.setdefault(path.name, path)
+            run = run.parent
+        return list(found.values())
+
     def find_optional(self, relative: str | os.PathLike) -> Path | None:
         """:meth:`find`, or None when no run of the chain has the file (an output only some profiles write)."""
         try:

@@ -32,10 +32,6 @@ class ClinicalJoin:
     patients_without_row: list[str] = field(default_factory=list)
     rows_without_images: list[str] = field(default_factory=list)
 
-    def counts(self) -> dict[str, int]:
-        return {"covariates": len(self.columns), "patients_without_row": len(self.patients_without_row),
-                "rows_without_images": len(self.rows_without_images)}
-
 
 def read_clinical_table(path: str | os.PathLike, id_column: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
     """The table (CSV, or Excel .xlsx/.xls), one row per patient, indexed by ``id_column`` as text; ``columns``

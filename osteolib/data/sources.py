@@ -376,8 +376,7 @@ def _check_clinical(clinical: Any, data_root, where: str) -> dict[str, Any]:
         table = read_clinical_table(path, str(clinical["id_column"]), columns)
     except ClinicalError as err:
         raise DatasetSpecError(where, str(err), "fix the table or the spec") from None
-    return {"table": str(path), "id_column": str(clinical["id_column"]), "columns": list(table.columns),
-            "frame": table}
+    return {"table": str(path), "frame": table}
 
 
 def _read_spec_table(path: Path, where: str, what: str, allow_no_rows: bool = False) -> pd.DataFrame:

@@ -79,7 +79,8 @@ def expected_calibration_error(y_true: Any, probs: Any, n_bins: int = 10) -> flo
     return float(np.sum(counts[filled] / len(confidence) * np.abs(frequency - mean_confidence)))
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
+def logit(p: np.ndarray) -> np.ndarray:
+    """log(p / (1 - p)), with p clipped to [1e-6, 1 - 1e-6]."""
     p = np.clip(np.asarray(p, dtype=float), 1e-6, 1 - 1e-6)  # a probability of exactly 0 or 1 has no logit
     return np.log(p / (1 - p))
 
@@ -101,13 +102,13 @@ def calibration_measures(y_true: Any, p: Any) -> dict[str, float]:
            "calibration_intercept": np.nan, "calibration_slope": np.nan}
     if len(np.unique(y)) < 2:
         return out
-    logit = _logit(p)
+    logit_p = logit(p)
     family = sm.families.Binomial()
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # separation and convergence warnings: judged from the result below
         try:
-            large = sm.GLM(y, np.ones((len(y), 1)), family=family, offset=logit).fit()
-            slope = sm.GLM(y, sm.add_constant(logit, has_constant="add"), family=family).fit()
+            large = sm.GLM(y, np.ones((len(y), 1)), family=family, offset=logit_p).fit()
+            slope = sm.GLM(y, sm.add_constant(logit_p, has_constant="add"), family=family).fit()
         except Exception:  # perfect separation in a tiny sample: no estimate rather than a wrong one
             return out
     if np.isfinite(large.params[0]):

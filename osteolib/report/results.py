@@ -151,11 +151,12 @@ def write_results_tables(run: Run) -> dict[str, Path]:
 
     fractions = sorted(test_summary["label_fraction"].unique()) if "label_fraction" in test_summary.columns else [1.0]
     if len(fractions) > 1:
-        paths.update(_write_label_efficiency(run, predictions, test_summary))
+        paths.update(_write_label_efficiency(run, predictions, metrics, test_summary))
     return paths
 
 
-def _write_label_efficiency(run: Run, predictions: pd.DataFrame, summary: pd.DataFrame) -> dict[str, Path]:
+def _write_label_efficiency(run: Run, predictions: pd.DataFrame, metrics: pd.DataFrame,
+                            summary: pd.DataFrame) -> dict[str, Path]:
     """The label-efficiency outputs: the mean ± SD table, the curve with patient-level bands, the pretraining effect
     at each fraction (Holm-corrected) and the mixed model (:mod:`osteolib.evaluation.stats.label_efficiency`)."""
     import matplotlib.pyplot as plt
@@ -185,8 +186,7 @@ def _write_label_efficiency(run: Run, predictions: pd.DataFrame, summary: pd.Dat
     if (test["scenario"] == "random").any() and test["scenario"].nunique() > 1:
         effects = stats.pretraining_effects(test, positive)
         paths["label_efficiency_effects"] = _write_csv(effects, tables / "label_efficiency_effects.csv")
-        per_run = evaluate_runs(predictions)
-        models = stats.efficiency_models(per_run[per_run["split"] == "test"])
+        models = stats.efficiency_models(metrics[metrics["split"] == "test"])
         if models:
             paths["label_efficiency_model"] = _write_csv(stats.model_table(models),
                                                          tables / "label_efficiency_model.csv")

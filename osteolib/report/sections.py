@@ -87,13 +87,7 @@ class ReportInputs:
 
     def glob(self, pattern: str) -> list[Path]:
         """Files matching ``pattern`` in the run and its parents (the run's own first, by name)."""
-        found: dict[str, Path] = {}
-        current: Run | None = self.run
-        while current is not None:
-            for p in sorted(current.path.glob(pattern)):
-                found.setdefault(p.name, p)
-            current = current.parent
-        return list(found.values())
+        return self.run.find_all(pattern)
 
     def selected(self) -> pd.Series:
         """The model chosen on validation AUC (``tables/selection.csv``, written after notebook 04)."""

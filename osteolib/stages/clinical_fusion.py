@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from osteolib.data.clinical import covariate_kind
+from osteolib.evaluation.calibration import logit
 from osteolib.evaluation.stats.delong import delong_auc, delong_paired, rank_auc
 
 __all__ = ["FusionConfig", "FusionResult", "LabelCovariateError", "LABEL_NAME", "check_label_covariates",
@@ -39,6 +40,7 @@ __all__ = ["FusionConfig", "FusionResult", "LabelCovariateError", "LABEL_NAME", 
 # names that say a column measures the label itself
 LABEL_NAME = re.compile(r"t[\s_.-]*score|z[\s_.-]*score|bmd|dxa|dexa|diagnos|label|class", re.IGNORECASE)
 MODELS = ("clinical", "image", "image+clinical")
+FITTED_ON = {"clinical": "train", "image": "train (04)", "image+clinical": "val"}  # the split each model learnt from
 
 
 class LabelCovariateError(ValueError):
@@ -85,7 +87,6 @@ class FusionResult:
     odds_ratios: pd.DataFrame  # covariate term, odds ratio per SD (numeric) or vs reference level, Wald CI, p
     test_scores: pd.DataFrame  # image_id, patient_id, target and each model's probability
     allowed_label_covariates: list[dict[str, Any]] = field(default_factory=list)
-    fusion_fitted_on: str = "val"
     coefficients: dict[str, Any] = field(default_factory=dict)
 
 
@@ -112,8 +113,9 @@ def check_label_covariates(train: pd.DataFrame, covariates: Sequence[str], y: np
     caught = []
     for column in covariates:
         reasons = []
-        if LABEL_NAME.search(column):
-            reasons.append(f"its name says it measures the label ({LABEL_NAME.search(column).group(0)!r})")
+        named = LABEL_NAME.search(column)
+        if named:
+            reasons.append(f"its name says it measures the label ({named.group(0)!r})")
         auc = single_variable_auc(train[column], y)
         if auc == auc and auc >= leak_auc:
             reasons.append(f"alone it separates the training classes with AUC {auc:.3f} (>= {leak_auc})")
@@ -158,17 +160,12 @@ def _as_features(rows: pd.DataFrame, numeric: Sequence[str], other: Sequence[str
     for c in numeric:
         out[c] = pd.to_numeric(rows[c], errors="coerce").astype(float)
     for c in other:
-        out[c] = rows[c].astype(object).where(rows[c].notna(), np.nan).map(lambda v: v if v != v else str(v))
+        out[c] = rows[c].map(lambda v: np.nan if pd.isna(v) else str(v))  # levels as text, missing as NaN
     return out
 
 
 def _transform(design: Any, rows: pd.DataFrame) -> np.ndarray:
     return design.transform(_as_features(rows, design.numeric_, design.other_))
-
-
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(p, dtype=float), 1e-6, 1 - 1e-6)
-    return np.log(p / (1 - p))
 
 
 def _odds_ratios(X: np.ndarray, y: np.ndarray, names: Sequence[str]) -> pd.DataFrame:
@@ -219,7 +216,7 @@ def clinical_fusion(manifest: pd.DataFrame, image_predictions: pd.DataFrame, con
     y_val = (val["label"].astype(str) == positive).to_numpy(dtype=int)
     # the fusion weighs two scores, the image model's logit and the clinical model's: the covariates' effects come
     # from the (larger) training split, and the validation split only has to learn two weights and an intercept
-    X_val = np.column_stack([_logit(val[column].to_numpy()), clinical.decision_function(_transform(design, val_rows))])
+    X_val = np.column_stack([logit(val[column].to_numpy()), clinical.decision_function(_transform(design, val_rows))])
     fusion = LogisticRegression(C=config.C, max_iter=2000).fit(X_val, y_val)
     # both models are fixed: only now are the test rows taken
     test = image_predictions[image_predictions["split"] == "test"]
@@ -227,7 +224,7 @@ def clinical_fusion(manifest: pd.DataFrame, image_predictions: pd.DataFrame, con
     y_test = (test["label"].astype(str) == positive).to_numpy(dtype=int)
     X_test = _transform(design, test_rows)
     scores = {"clinical": clinical.predict_proba(X_test)[:, 1], "image": test[column].to_numpy(dtype=float),
-              "image+clinical": fusion.predict_proba(np.column_stack([_logit(test[column].to_numpy()),
+              "image+clinical": fusion.predict_proba(np.column_stack([logit(test[column].to_numpy()),
                                                                       clinical.decision_function(X_test)]))[:, 1]}
 
     aucs = []
@@ -235,7 +232,7 @@ def clinical_fusion(manifest: pd.DataFrame, image_predictions: pd.DataFrame, con
         result = delong_auc(y_test, scores[model])
         aucs.append({"model": model, "auc": result.auc, "ci_low": result.ci_low, "ci_high": result.ci_high,
                      "n": len(y_test), "n_positive": int(y_test.sum()),
-                     "fitted_on": {"clinical": "train", "image": "train (04)", "image+clinical": "val"}[model]})
+                     "fitted_on": FITTED_ON[model]})
     comparisons = []
     for other in ("image", "clinical"):
         paired = delong_paired(y_test, scores["image+clinical"], scores[other])
@@ -280,7 +277,7 @@ def write_fusion_outputs(run: Any, result: FusionResult, image_run: str, config:
     paths["04b_fusion"] = tables / "04b_fusion.json"
     paths["04b_fusion"].write_text(json.dumps({
         "image_run": image_run, "covariates": list(config.covariates), "C": config.C, "leak_auc": config.leak_auc,
-        "fitted_on": {"clinical": "train", "image+clinical": result.fusion_fitted_on},
+        "fitted_on": FITTED_ON,
         "allowed_label_covariates": result.allowed_label_covariates, "coefficients": result.coefficients}, indent=1,
         default=float))
     fig, ax = plt.subplots(figsize=(4.6, 4.4))

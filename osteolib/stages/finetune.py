@@ -388,14 +388,7 @@ def _json_default(value: Any) -> Any:
 
 def finetuned_runs(run: Run) -> list[str]:
     """Names of the fine-tuning runs whose summaries this run folder (or its parents) holds, in order."""
-    names: list[str] = []
-    current: Run | None = run
-    while current is not None:
-        logs = current.path / "logs"
-        found = sorted(p.name[: -len("-summary.json")] for p in logs.glob("*-summary.json")) if logs.is_dir() else []
-        names += [n for n in found if n not in names]
-        current = current.parent
-    return names
+    return [p.name[: -len("-summary.json")] for p in run.find_all("logs/*-summary.json")]
 
 
 def load_finetuned(run: Run, name: str) -> tuple[nn.Module, FinetuneConfig, list[str]]:

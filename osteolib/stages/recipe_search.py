@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import pandas as pd
 import torch
 
+from osteolib.evaluation import to_markdown
 from osteolib.runs import Run
 from osteolib.utils import cpu_model
 from osteolib.stages.finetune import images_per_s, train_and_select
@@ -111,22 +112,16 @@ def recipe_settings(config: FinetuneConfig) -> dict[str, Any]:
 
 def search_runs(run: Run) -> pd.DataFrame:
     """Every candidate run of ``run`` (and its parents): one row per summary, with its settings as columns."""
-    rows, seen = [], set()
-    current: Run | None = run
-    while current is not None:
-        for path in sorted((current.path / SEARCH_FOLDER).glob("*-summary.json")):
-            if path.name in seen:
-                continue
-            seen.add(path.name)
-            summary = json.loads(path.read_text())
-            rows.append({"scenario": summary["scenario"], "backbone": summary["backbone"], "recipe": summary["recipe"],
-                         "seed": summary["seed"], "label_fraction": summary["label_fraction"],
-                         "peak_lr": summary["peak_lr"], **summary["settings"],
-                         "settings_json": json.dumps(summary["settings"], sort_keys=True),
-                         "chosen_epoch": summary["selection"]["chosen_epoch"],
-                         "valid_auc": summary["selection"]["valid_auc"], "seconds": summary["seconds"],
-                         "torch_threads": summary["torch_threads"], "cpu_model": summary.get("cpu_model", "?")})
-        current = current.parent
+    rows = []
+    for path in run.find_all(f"{SEARCH_FOLDER}/*-summary.json"):
+        summary = json.loads(path.read_text())
+        rows.append({"scenario": summary["scenario"], "backbone": summary["backbone"], "recipe": summary["recipe"],
+                     "seed": summary["seed"], "label_fraction": summary["label_fraction"],
+                     "peak_lr": summary["peak_lr"], **summary["settings"],
+                     "settings_json": json.dumps(summary["settings"], sort_keys=True),
+                     "chosen_epoch": summary["selection"]["chosen_epoch"],
+                     "valid_auc": summary["selection"]["valid_auc"], "seconds": summary["seconds"],
+                     "torch_threads": summary["torch_threads"], "cpu_model": summary.get("cpu_model", "?")})
     if not rows:
         raise FileNotFoundError(f"no recipe-search candidate in {run.path} (or its parents): run notebook "
                                 f"04a_recipe_search (a profile step with its candidates) first")
@@ -184,10 +179,7 @@ def write_search_tables(run: Run) -> dict[str, Path]:
                          chosen=table["chosen"].map({True: "chosen", False: ""}))
     columns = ["scenario", "backbone", "recipe", "peak_lr", "layer_decay", "randaug_magnitude", "epochs", "seeds",
                "valid_auc_per_seed", "valid_auc", "chosen_epochs", "chosen"]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for _, row in shown.iterrows():
-        lines.append("| " + " | ".join(_cell(row[c]) for c in columns) + " |")
-    paths["recipe_search_md"].write_text("\n".join(lines) + f"\n\n{cost}\n")
+    paths["recipe_search_md"].write_text(to_markdown(shown[columns].map(_cell)) + f"\n{cost}\n")
     choices = [{"scenario": r.scenario, "backbone": r.backbone, "recipe": r.recipe,
                 "settings": json.loads(r.settings_json),
                 "valid_auc_mean": float(r.valid_auc_mean), "seeds": r.seeds}
