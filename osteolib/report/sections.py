@@ -47,11 +47,13 @@ class ReportInputs:
         self.notebooks = self._notebooks()
 
     def _notebooks(self) -> set[str]:
-        """The notebooks this run and its parents executed (or planned to)."""
+        """The notebooks this run and its parents executed (or planned to). A run gathered from grid cells (`osteo
+        collect`) has executions but no plan."""
         names: set[str] = set()
         current: Run | None = self.run
         while current is not None:
-            names |= {str(e.get("notebook")) for e in current.info().get("plan", [])}
+            info = current.info()
+            names |= {str(e.get("notebook")) for e in info.get("plan", []) + info.get("executions", [])}
             current = current.parent
         return names
 

@@ -97,3 +97,21 @@ def test_the_paired_tests_fit_a_page_and_keep_their_p_values():
     assert row["measure"] == "AUC (DeLong)" and row["value vs reference"] == "0.772 vs 0.774 (random)"
     assert row["difference [95 % CI]"] == "-0.002 [-0.043, 0.039]"
     assert (row["p"], row["p (Holm)"]) == ("< 0.001", "0.020")
+
+
+def test_the_report_counts_the_notebooks_of_a_gathered_parent(tmp_path):
+    # `osteo collect` writes a run with executions but no plan; a later `--only 04b 07 --parent` run must still
+    # report 04's models (it said "Notebook 04 is not part of this run's profile")
+    import json
+
+    from osteolib.report.sections import ReportInputs
+    from osteolib.runs import Run
+
+    gathered, child = tmp_path / "gathered", tmp_path / "child"
+    gathered.mkdir(), child.mkdir()
+    (gathered / "run.json").write_text(json.dumps({"profile": "real", "executions": [
+        {"name": "04_finetune-seed=0", "notebook": "04_finetune", "status": "ok"}]}))
+    (child / "run.json").write_text(json.dumps({"profile": "real", "parent": str(gathered), "plan": [
+        {"name": "04b_clinical_fusion", "notebook": "04b_clinical_fusion"}, {"name": "07_report", "notebook": "07_report"}]}))
+    inputs = ReportInputs(Run(child))
+    assert inputs.ran("04") and inputs.ran("04b") and not inputs.ran("05")
