@@ -51,7 +51,8 @@ def tiny_run(tmp_path_factory) -> Path:
         return Path(os.environ["OSTEO_TEST_PREDICT_RUN"])
     root = tmp_path_factory.mktemp("predict")
     (root / "tiny.yaml").write_text(TINY_PROFILE)
-    return run_profile(str(root / "tiny.yaml"), runs_dir=root / "runs", log_output=False).path
+    # jobs=2: the three cells two at a time, one core each (most of a tiny cell is its kernel starting)
+    return run_profile(str(root / "tiny.yaml"), runs_dir=root / "runs", log_output=False, jobs=2).path
 
 
 def _test_split(run: Path, model: str) -> tuple[pd.DataFrame, list[str]]:

@@ -70,7 +70,8 @@ def three_class_run(tmp_path_factory) -> Path:
         # threads made everything 5-100x slower whenever the cores were busy (measured under load 3-5: a DenseNet
         # forward 0.04 s -> 1-4 s, the tiny fine-tuning 4 s -> 20-50 s), and this test took 2 to 5 minutes
         patch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
-        return run_profile(str(root / "tiny.yaml"), runs_dir=root / "runs", log_output=False).path
+        # jobs=2: the two 04 cells side by side, one core each
+        return run_profile(str(root / "tiny.yaml"), runs_dir=root / "runs", log_output=False, jobs=2).path
 
 
 def _table(run: Path, name: str) -> pd.DataFrame:
