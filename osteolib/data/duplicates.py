@@ -41,6 +41,8 @@ can be grouped into one patient (see :func:`osteolib.data.splits.group_copies`).
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -124,14 +126,21 @@ def image_keypoints(images: Sequence[np.ndarray] | None, paths: Sequence[str] | 
     """Keypoints of each image (arrays, or files decoded with :func:`osteolib.data.io.read_xray`)."""
     from osteolib.data.io import read_xray
 
-    sift = cv2.SIFT_create(nfeatures=FEATURES, contrastThreshold=CONTRAST)
     count = len(images) if images is not None else len(paths)
-    rows = progress(range(count)) if progress else range(count)
-    found = []
-    for row in rows:
+
+    def keypoints_of(row: int) -> Keypoints:
         pixels = images[row] if images is not None else read_xray(paths[row]).pixels
-        found.append(keypoints(to_detector_image(pixels), sift))
-    return found
+        return keypoints(to_detector_image(pixels))  # a SIFT of its own per call: one per thread
+
+    # decoding and SIFT release the GIL: one thread per usable core, in row order
+    with ThreadPoolExecutor(usable_threads()) as pool:
+        found = pool.map(keypoints_of, range(count))
+        return list(progress(found) if progress else found)
+
+
+def usable_threads() -> int:
+    """The cores this process may run on (a --jobs cell is pinned to its share), at most 4."""
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
 # ------------------------------------------------------------------------------------------------ matching
@@ -152,29 +161,38 @@ def distinctive_matches(found: Sequence[Keypoints], neighbours: int = DEFAULT_NE
     if len(found) < 2 or len(owners) == 0:
         return pd.DataFrame(columns=["a", "b", "mirrored", "query", "train"])
     cv2.setRNGSeed(SEED)  # FLANN's randomised trees: the same matches on every run
-    index = cv2.FlannBasedMatcher({"algorithm": 1, "trees": 4}, {"checks": 64})
-    index.add([np.concatenate([k.descriptors for k in found]).astype(np.float32)])
-    index.train()
+    index = cv2.flann_Index(np.concatenate([k.descriptors for k in found]).astype(np.float32),
+                            {"algorithm": 1, "trees": 4})
     k = min(LOOKUP_K, len(owners))
+
+    def lookup(descriptors: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """The k nearest descriptors of each (rows of indices, L2 distances), or None for an image without any."""
+        if len(descriptors) == 0:
+            return None
+        nearest, squared = index.knnSearch(descriptors.astype(np.float32), k, params={"checks": 64})
+        return nearest, np.sqrt(squared)  # FLANN's L2 is squared
+
+    # the searches release the GIL: one thread per usable core (the index is only read)
+    with ThreadPoolExecutor(usable_threads()) as pool:
+        looked_up = list(pool.map(lambda item: (lookup(item.descriptors), lookup(item.mirrored_descriptors)), found))
+    before = np.triu(np.ones((k, k), bool), 1)  # before[i, j]: look-up i comes before j
     frames = []
-    for a, item in enumerate(found):
-        for mirrored, descriptors in ((False, item.descriptors), (True, item.mirrored_descriptors)):
-            rows = []
-            for query, nearest in enumerate(index.knnMatch(descriptors.astype(np.float32), k=k)):
-                first: dict[int, cv2.DMatch] = {}  # each other image's nearest descriptor, in distance order
-                for match in nearest:
-                    owner = int(owners[match.trainIdx])
-                    if owner != a and owner not in first:
-                        first[owner] = match
-                if not first:
-                    continue
-                ordered = list(first.values())
-                # fewer than CROWD other images within reach: the farthest descriptor looked up stands in
-                crowd = ordered[CROWD - 1].distance if len(ordered) >= CROWD else nearest[-1].distance
-                rows += [(int(owners[m.trainIdx]), query, m.trainIdx) for m in ordered[:CROWD - 1]
-                         if m.distance < RATIO * crowd]
-            if rows:
-                table = pd.DataFrame(rows, columns=["b", "query", "train"])
+    for a, results in enumerate(looked_up):
+        for mirrored, result in zip((False, True), results):
+            if result is None:
+                continue
+            nearest, distance = result
+            owner = owners[nearest]
+            # each other image's nearest descriptor, in distance order: not this image, not an owner seen before
+            first = (owner != a) & ~((owner[:, :, None] == owner[:, None, :]) & before).any(axis=1)
+            rank = np.cumsum(first, axis=1) - 1
+            at_crowd = first & (rank == CROWD - 1)
+            # fewer than CROWD other images within reach: the farthest descriptor looked up stands in
+            crowd = np.where(at_crowd.any(axis=1), (distance * at_crowd).sum(axis=1), distance[:, -1])
+            query, position = np.nonzero(first & (rank < CROWD - 1) & (distance < RATIO * crowd[:, None]))
+            if len(query):
+                table = pd.DataFrame({"b": owner[query, position], "query": query,
+                                      "train": nearest[query, position].astype(np.int64)})
                 kept = table["b"].value_counts().index[:neighbours]
                 frames.append(table[table["b"].isin(kept)].assign(a=a, mirrored=mirrored))
     if not frames:
