@@ -132,10 +132,12 @@ def image_keypoints(images: Sequence[np.ndarray] | None, paths: Sequence[str] | 
         pixels = images[row] if images is not None else read_xray(paths[row]).pixels
         return keypoints(to_detector_image(pixels))  # a SIFT of its own per call: one per thread
 
-    # decoding and SIFT release the GIL: one thread per usable core, in row order
+    # decoding and SIFT release the GIL: one thread per usable core, in row order; the progress bar counts rows
+    # as their results arrive (and keeps its total)
+    rows = range(count)
     with ThreadPoolExecutor(usable_threads()) as pool:
-        found = pool.map(keypoints_of, range(count))
-        return list(progress(found) if progress else found)
+        found = pool.map(keypoints_of, rows)
+        return [next(found) for _ in (progress(rows) if progress else rows)]
 
 
 def usable_threads() -> int:
