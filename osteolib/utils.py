@@ -5,6 +5,7 @@
 - ``size_pair``: an image size as a checked (height, width) pair.
 - ``config_from``: a stage's dataclass built from a notebook's or profile's parameters (the names it knows).
 - ``end_with_parent``: in a child process before it starts Python, SIGTERM when its parent dies.
+- ``usable_cores``: how many cores this process may run on (a pinned ``osteo run --jobs`` child has its share).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import platform
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -45,6 +47,12 @@ def write_json(path: str | Path, payload: Any, indent: int = 2, sort_keys: bool 
 
 
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs that compute bf16 natively
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its affinity where the OS has one (a pinned `osteo run --jobs` child
+    has its share), else every core."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def cpu_has_bf16_flags() -> bool:

@@ -41,7 +41,6 @@ can be grouped into one patient (see :func:`osteolib.data.splits.group_copies`).
 """
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -49,6 +48,8 @@ from typing import Callable, Sequence
 import cv2
 import numpy as np
 import pandas as pd
+
+from osteolib.utils import usable_cores
 
 DETECT_SIZE = 256       # longer side (px) the detector looks at: fine texture survives, SIFT stays fast
 FEATURES = 300          # keypoints kept per image (the strongest)
@@ -141,8 +142,8 @@ def image_keypoints(images: Sequence[np.ndarray] | None, paths: Sequence[str] | 
 
 
 def usable_threads() -> int:
-    """The cores this process may run on (a --jobs cell is pinned to its share), at most 4."""
-    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    """One thread per core this process may use (a --jobs cell is pinned to its share), at most 4."""
+    return max(1, min(4, usable_cores()))
 
 
 # ------------------------------------------------------------------------------------------------ matching

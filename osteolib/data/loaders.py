@@ -26,6 +26,7 @@ from fastai.data.core import DataLoaders
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from osteolib.data.transforms import Sample
+from osteolib.utils import usable_cores
 
 __all__ = [
     "DEFAULT_MEAN",
@@ -194,8 +195,7 @@ def auto_num_workers(device: torch.device | str | None = None) -> int:
         return 0
     # The cores this process may use (a pinned `osteo run --jobs` child has its share), split between the
     # training processes torchrun started on this machine.
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    cores //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    cores = usable_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(0, min(8, cores - 1))
 
 
